@@ -1,0 +1,7 @@
+"""``python -m iris_raft`` is the ``iris`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

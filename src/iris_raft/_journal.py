@@ -1,0 +1,635 @@
+"""A checksummed, fsynced Raft journal for PySyncObj, and a check of its snapshot file.
+
+Theory of operation
+-------------------
+PySyncObj's own ``FileJournal`` never fsyncs and has no checksums: a power loss
+can drop entries the node already acknowledged, and one flipped byte makes the
+node fail to apply forever. :class:`ChecksummedJournal` implements the same
+``pysyncobj.journal.Journal`` interface with these rules:
+
+* one file of records framed by :mod:`._records`; a record's payload is
+  ``<u64 idx> <u64 term> <command>``; Raft indexes are consecutive;
+* persist before acknowledge: :meth:`~ChecksummedJournal.add` writes the record
+  and ``fdatasync`` s before it returns, because PySyncObj acknowledges an entry
+  (and counts itself toward a commit) as soon as ``add`` returns;
+  :meth:`~ChecksummedJournal.deleteEntriesFrom` and ``clear`` truncate and fsync;
+* ``currentTerm`` and ``votedForNodeId`` are written (atomically, fsynced) in
+  ``setCurrentTerm`` before PySyncObj sends the vote or message that reflects
+  them; the commit index is only an optimisation and is written lazily once a
+  second. They live in ``<path>.meta`` as one checksummed JSON record;
+* compaction: PySyncObj calls ``deleteEntriesTo`` right after its snapshot
+  (``fullDumpFile``) was renamed into place, without fsyncing it. We fsync the
+  snapshot and its directory first, then write the remaining entries to
+  ``<path>.compact``, fsync, rename it over the journal and fsync the directory,
+  so after a crash either the old or the new journal is there, never a mix;
+* on open, a torn tail (an append a crash cut short; never acknowledged) is
+  truncated with a warning; a failed checksum raises
+  :class:`~iris_raft._exceptions.CorruptFile`, or with ``allow_nuke`` the journal
+  and its meta are moved aside and the node starts empty and catches up from
+  its peers (the term and vote are carried over when the meta is readable, so
+  the node cannot vote twice in one term);
+* after an fsync error nothing more is written (the kernel may have dropped the
+  pages): every later write raises until the process restarts and re-reads the
+  file.
+
+Memory: entries are indexed by four compact integer arrays (offset, length, idx,
+term); commands are read back with ``os.pread`` (checksum verified again), and
+the most recent ones, which replication and apply read, are kept in a bounded
+cache, so a long log does not live in RAM twice.
+
+PySyncObj builds its journal itself, in ``SyncObj.__init__``, by calling the
+module-level name ``pysyncobj.syncobj.createJournal(journalFile)``; there is no
+parameter to pass one in. :func:`install_journal` therefore replaces that name
+once with a function that hands out the journal registered for that exact path
+and otherwise falls back to the original.
+
+Threading: PySyncObj calls the journal from its constructor and then only from
+its tick thread; the journal itself takes no locks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import operator
+import os
+import struct
+import threading
+import zlib
+from array import array
+from collections import deque
+from collections.abc import Callable
+from typing import Any, SupportsIndex, overload
+
+import pysyncobj.syncobj as syncobj_module
+from pysyncobj.journal import Journal
+
+from ._exceptions import CorruptFile
+from ._records import (
+    HEADER_SIZE,
+    OPERATOR_ADVICE,
+    atomic_write,
+    encode_record,
+    fsync_dir,
+    iter_records,
+    move_aside,
+    scan_records,
+    write_all,
+)
+
+log = logging.getLogger("iris_raft.journal")
+
+#: One journal entry as PySyncObj sees it: ``(command, idx, term)``.
+Entry = tuple[bytes, int, int]
+
+_ENTRY = struct.Struct("<QQ")
+_META_VERSION = 1
+_COPY_CHUNK = 1 << 20
+#: Default number and total size of recent commands kept in memory.
+DEFAULT_CACHE_ENTRIES = 4096
+DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
+
+
+def _as_bytes(command: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(command, str):
+        return command.encode("utf-8")
+    return bytes(command)
+
+
+class ChecksummedJournal(Journal):  # type: ignore[misc]
+    """A durable ``pysyncobj.journal.Journal``; see the module comment for the rules.
+
+    Opening raises :class:`CorruptFile` (unless ``allow_nuke``) and :class:`OSError`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        dump_path: str | None,
+        allow_nuke: bool = False,
+        cache_entries: int = DEFAULT_CACHE_ENTRIES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.path = path
+        self.dump_path = dump_path
+        self.allow_nuke = allow_nuke
+        self._meta_path = path + ".meta"
+        self._compact_path = path + ".compact"
+        self._directory = os.path.dirname(os.path.abspath(path))
+        self._cache_limit = cache_entries
+        self._cache_byte_limit = cache_bytes
+        # Per entry: offset of its record, payload length, Raft idx and term.
+        self._offsets = array("q")
+        self._lengths = array("q")
+        self._idxs = array("q")
+        self._terms = array("q")
+        self._end = 0
+        # Commands of the last len(self._cache) entries.
+        self._cache: deque[bytes] = deque()
+        self._cache_size = 0
+        self._current_term = 0
+        self._voted_for: Any = None
+        self._commit_index = 1
+        self._meta_dirty = False
+        self._failed: OSError | None = None
+        self._fd: int | None = None
+        self._open()
+
+    # ----------------------------------------------------------------- open
+
+    def _open(self) -> None:
+        for leftover in (self._compact_path, self._meta_path + ".tmp"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        meta: tuple[int, Any, int] | None = None
+        meta_problem: CorruptFile | None = None
+        try:
+            meta = self._read_meta()
+        except CorruptFile as exc:
+            meta_problem = exc
+        journal_problem: CorruptFile | None = None
+        try:
+            self._load()
+        except CorruptFile as exc:
+            journal_problem = exc
+        if journal_problem is None and meta_problem is None:
+            assert meta is not None
+            self._current_term, self._voted_for, commit_index = meta
+            last_idx = self._idxs[-1] if self._idxs else 1
+            self._commit_index = max(1, min(commit_index, last_idx))
+            return
+        problem = journal_problem or meta_problem
+        assert problem is not None
+        if not self.allow_nuke:
+            self._close_fd()
+            raise problem
+        self._nuke(journal_problem, meta_problem, meta)
+
+    def _load(self) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        existed = os.path.exists(self.path)
+        self._fd = fd = os.open(self.path, flags, 0o644)
+        if not existed:
+            fsync_dir(self._directory)
+        size = os.fstat(fd).st_size
+        data = _pread_exact(fd, size, 0)
+        end = 0
+        for offset, payload in iter_records(data, self.path):
+            if len(payload) < _ENTRY.size:
+                raise CorruptFile(
+                    f"{self.path}: record at byte {offset} is too short for a journal entry; "
+                    f"{OPERATOR_ADVICE}",
+                    path=self.path,
+                    offset=offset,
+                )
+            idx, term = _ENTRY.unpack_from(payload)
+            if self._idxs and idx != self._idxs[-1] + 1:
+                raise CorruptFile(
+                    f"{self.path}: entry at byte {offset} has index {idx}, expected "
+                    f"{self._idxs[-1] + 1}; {OPERATOR_ADVICE}",
+                    path=self.path,
+                    offset=offset,
+                )
+            self._offsets.append(offset)
+            self._lengths.append(len(payload))
+            self._idxs.append(idx)
+            self._terms.append(term)
+            end = offset + HEADER_SIZE + len(payload)
+        if end < size:
+            log.warning(
+                "%s: truncating a torn tail at byte %d (%d bytes of an append that never "
+                "completed; it was not acknowledged)",
+                self.path,
+                end,
+                size - end,
+            )
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        self._end = end
+
+    def _nuke(
+        self,
+        journal_problem: CorruptFile | None,
+        meta_problem: CorruptFile | None,
+        meta: tuple[int, Any, int] | None,
+    ) -> None:
+        self._close_fd()
+        moved: list[str] = []
+        if journal_problem is not None:
+            moved.append(move_aside(self.path))
+            self._reset_index()
+        if os.path.exists(self._meta_path):
+            moved.append(move_aside(self._meta_path))
+        if journal_problem is not None and meta is not None:
+            # A forgotten vote could let this node vote twice in one term.
+            self._current_term, self._voted_for = meta[0], meta[1]
+        self._commit_index = 1
+        log.error(
+            "allow_nuke: %s; moved %s aside; %s",
+            "; ".join(p.message for p in (journal_problem, meta_problem) if p is not None),
+            ", ".join(moved),
+            "starting with an empty journal, this node will catch up from its peers"
+            if journal_problem is not None
+            else "the vote of the current term is forgotten; the term is taken from the log",
+        )
+        if journal_problem is not None:
+            self._load()
+        else:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        self._write_meta()
+
+    def _reset_index(self) -> None:
+        for column in (self._offsets, self._lengths, self._idxs, self._terms):
+            del column[:]
+        self._end = 0
+        self._cache.clear()
+        self._cache_size = 0
+
+    def _read_meta(self) -> tuple[int, Any, int]:
+        path = self._meta_path
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return 0, None, 1
+        scan = scan_records(data, path)
+        if scan.torn_tail or len(scan.records) != 1:
+            raise CorruptFile(
+                f"{path}: the Raft meta file is incomplete; {OPERATOR_ADVICE}", path=path, offset=0
+            )
+        try:
+            meta = json.loads(scan.records[0][1])
+            term, voted_for, commit = (
+                meta["currentTerm"],
+                meta["votedForNodeId"],
+                meta["raftCommitIndex"],
+            )
+            if not (isinstance(term, int) and isinstance(commit, int)) or term < 0:
+                raise ValueError("bad field types")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptFile(
+                f"{path}: the Raft meta record does not parse ({exc}); {OPERATOR_ADVICE}",
+                path=path,
+                offset=0,
+            ) from exc
+        return term, voted_for, commit
+
+    def _write_meta(self) -> None:
+        record = {
+            "version": _META_VERSION,
+            "currentTerm": self._current_term,
+            "votedForNodeId": self._voted_for,
+            "raftCommitIndex": self._commit_index,
+        }
+        payload = json.dumps(record, sort_keys=True, default=str).encode("utf-8")
+        atomic_write(self._meta_path, encode_record(payload))
+        self._meta_dirty = False
+
+    # ---------------------------------------------------------------- write
+
+    def _writable_fd(self) -> int:
+        if self._fd is None:
+            raise RuntimeError(f"journal {self.path} is closed")
+        if self._failed is not None:
+            raise OSError(
+                self._failed.errno,
+                f"journal {self.path} failed to sync earlier; restart the node: {self._failed}",
+            )
+        return self._fd
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        """Append entry ``(command, idx, term)`` and fdatasync it before returning.
+
+        Raises :class:`ValueError` if ``idx`` does not follow the last entry and
+        :class:`OSError` on I/O errors (after a failed sync the journal refuses
+        all further writes).
+        """
+        fd = self._writable_fd()
+        if self._idxs and idx != self._idxs[-1] + 1:
+            raise ValueError(f"journal entry {idx} does not follow entry {self._idxs[-1]}")
+        data = _as_bytes(command)
+        payload = _ENTRY.pack(idx, term) + data
+        record = encode_record(payload)
+        try:
+            write_all(fd, record, self._end)
+        except OSError:
+            try:
+                os.ftruncate(fd, self._end)
+            except OSError as exc:
+                self._failed = exc
+            raise
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            self._failed = exc
+            raise
+        self._offsets.append(self._end)
+        self._lengths.append(len(payload))
+        self._idxs.append(idx)
+        self._terms.append(term)
+        self._end += len(record)
+        self._cache.append(data)
+        self._cache_size += len(data)
+        while self._cache and (
+            len(self._cache) > self._cache_limit or self._cache_size > self._cache_byte_limit
+        ):
+            self._cache_size -= len(self._cache.popleft())
+
+    def _truncate(self, position: int) -> None:
+        """Drop entries ``position`` and later from the file (fsynced) and from memory."""
+        fd = self._writable_fd()
+        new_end = self._offsets[position] if position < len(self._offsets) else self._end
+        try:
+            os.ftruncate(fd, new_end)
+            os.fsync(fd)
+        except OSError as exc:
+            self._failed = exc
+            raise
+        removed = len(self._offsets) - position
+        for column in (self._offsets, self._lengths, self._idxs, self._terms):
+            del column[position:]
+        self._end = new_end
+        for _ in range(min(removed, len(self._cache))):
+            self._cache_size -= len(self._cache.pop())
+
+    def clear(self) -> None:
+        """Remove every entry (truncate to zero and fsync)."""
+        self._truncate(0)
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        """Remove entries at positions ``entryFrom`` and later (a Raft log conflict)."""
+        self._truncate(max(0, entryFrom))
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        """Remove entries before position ``entryTo``: compaction after a snapshot.
+
+        Fsyncs the snapshot file and its directory first, then rewrites the journal
+        via ``<path>.compact``. Raises :class:`OSError` (for instance when the
+        snapshot is missing), leaving the journal unchanged.
+        """
+        fd = self._writable_fd()
+        count = len(self._offsets)
+        position = min(max(0, entryTo), count)
+        if position == 0:
+            return
+        self._sync_dump()
+        start = self._offsets[position] if position < count else self._end
+        new_fd = os.open(
+            self._compact_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+        )
+        try:
+            offset = start
+            while offset < self._end:
+                chunk = os.pread(fd, min(_COPY_CHUNK, self._end - offset), offset)
+                if not chunk:
+                    raise OSError(f"{self.path} is shorter than expected")
+                write_all(new_fd, chunk, offset - start)
+                offset += len(chunk)
+            os.fsync(new_fd)
+            os.replace(self._compact_path, self.path)
+        except BaseException:
+            os.close(new_fd)
+            raise
+        self._fd = new_fd
+        os.close(fd)
+        self._offsets = array("q", (o - start for o in self._offsets[position:]))
+        del self._lengths[:position]
+        del self._idxs[:position]
+        del self._terms[:position]
+        self._end -= start
+        while len(self._cache) > len(self._offsets):
+            self._cache_size -= len(self._cache.popleft())
+        try:
+            fsync_dir(self._directory)
+        except OSError as exc:
+            self._failed = exc
+            raise
+
+    def _sync_dump(self) -> None:
+        if self.dump_path is None:
+            return
+        dump_fd = os.open(self.dump_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(dump_fd)
+        finally:
+            os.close(dump_fd)
+        fsync_dir(os.path.dirname(os.path.abspath(self.dump_path)))
+
+    # ----------------------------------------------------------------- read
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    @overload
+    def __getitem__(self, item: SupportsIndex) -> Entry: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> list[Entry]: ...
+
+    def __getitem__(self, item: SupportsIndex | slice) -> Entry | list[Entry]:
+        count = len(self._offsets)
+        if isinstance(item, slice):
+            start, stop, step = item.indices(count)
+            if step == 1:
+                return self._read_range(start, max(start, stop))
+            return [self._read_range(i, i + 1)[0] for i in range(start, stop, step)]
+        position = operator.index(item)
+        if position < 0:
+            position += count
+        if not 0 <= position < count:
+            raise IndexError("journal index out of range")
+        return self._read_range(position, position + 1)[0]
+
+    def _read_range(self, start: int, stop: int) -> list[Entry]:
+        """Entries at positions ``start`` to ``stop`` (exclusive), from the cache or the file."""
+        if self._fd is None:
+            raise RuntimeError(f"journal {self.path} is closed")
+        cached_from = len(self._offsets) - len(self._cache)
+        entries: list[Entry] = []
+        disk_stop = min(stop, max(start, cached_from))
+        if start < disk_stop:
+            base = self._offsets[start]
+            last = disk_stop - 1
+            size = self._offsets[last] + HEADER_SIZE + self._lengths[last] - base
+            data = _pread_exact(self._fd, size, base)
+            try:
+                for i, (_, payload) in enumerate(iter_records(data, self.path)):
+                    position = start + i
+                    idx, term = _ENTRY.unpack_from(payload)
+                    if (idx, term) != (self._idxs[position], self._terms[position]):
+                        raise CorruptFile(
+                            f"{self.path}: entry at byte {self._offsets[position]} changed on "
+                            f"disk; {OPERATOR_ADVICE}",
+                            path=self.path,
+                            offset=self._offsets[position],
+                        )
+                    entries.append((bytes(payload[_ENTRY.size :]), idx, term))
+            except CorruptFile as exc:
+                raise CorruptFile(
+                    f"{exc.message} (read back at journal byte {base + (exc.offset or 0)})",
+                    path=self.path,
+                    offset=base + (exc.offset or 0),
+                ) from exc
+            if len(entries) != disk_stop - start:
+                raise CorruptFile(
+                    f"{self.path}: journal entries at bytes {base}..{base + size} are "
+                    f"incomplete on disk; {OPERATOR_ADVICE}",
+                    path=self.path,
+                    offset=base,
+                )
+        for position in range(max(start, cached_from), stop):
+            entries.append(
+                (
+                    self._cache[position - cached_from],
+                    self._idxs[position],
+                    self._terms[position],
+                )
+            )
+        return entries
+
+    # ----------------------------------------------------------------- meta
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        """Remember the commit index; written lazily by :meth:`onOneSecondTimer`."""
+        if raftCommitIndex != self._commit_index:
+            self._commit_index = raftCommitIndex
+            self._meta_dirty = True
+
+    def getRaftCommitIndex(self) -> int:
+        return self._commit_index
+
+    def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
+        """Store the term and vote durably before returning (Raft §5.1, Figure 2).
+
+        Raises :class:`OSError`; the caller must then not send the vote or reply.
+        """
+        self._writable_fd()
+        self._current_term = term
+        self._voted_for = votedForNodeId
+        self._write_meta()
+
+    def getCurrentTerm(self) -> int:
+        return self._current_term
+
+    def getVotedForNodeId(self) -> Any:
+        return self._voted_for
+
+    def onOneSecondTimer(self) -> None:
+        """Write a changed commit index (an optimisation: failures only log)."""
+        self.flush()
+
+    def flush(self) -> None:
+        """Write pending meta; entries are durable already. Failures only log."""
+        if not self._meta_dirty or self._fd is None:
+            return
+        try:
+            self._write_meta()
+        except OSError:
+            log.warning("could not write %s; will retry", self._meta_path, exc_info=True)
+
+    def _destroy(self) -> None:
+        """Write pending meta and close the file. Idempotent."""
+        if self._fd is None:
+            return
+        self.flush()
+        self._close_fd()
+
+    def close(self) -> None:
+        """Same as ``_destroy`` (for use outside PySyncObj)."""
+        self._destroy()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    parts: list[bytes] = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+# ----------------------------------------------------------------- snapshot
+
+
+def verify_dump(path: str, *, allow_nuke: bool) -> None:
+    """Check PySyncObj's snapshot (gzip of a pickle) without unpickling it.
+
+    Reads the whole file through gzip, whose CRC-32 and length trailer catch
+    corruption. A missing file is fine. Raises :class:`CorruptFile` unless
+    ``allow_nuke``, in which case the file is moved aside with a warning (the node
+    then rebuilds from its journal and peers). Run this before building the
+    ``SyncObj``: PySyncObj logs a failed snapshot load and carries on with an
+    empty state.
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below; the missing case returns early)
+    except FileNotFoundError:
+        return
+    problem: str | None = None
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            problem = "the file is empty"
+        else:
+            try:
+                with gzip.GzipFile(fileobj=f, mode="rb") as g:
+                    while g.read(_COPY_CHUNK):
+                        pass
+            except (EOFError, zlib.error, OSError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+    if problem is None:
+        return
+    error = CorruptFile(
+        f"{path}: the Raft snapshot is damaged ({problem}); {OPERATOR_ADVICE}",
+        path=path,
+        offset=None,
+    )
+    if not allow_nuke:
+        raise error
+    aside = move_aside(path)
+    log.error("allow_nuke: %s; moved it to %s", error.message, aside)
+
+
+# ----------------------------------------------------------------- hooking
+
+
+_registry: dict[str, ChecksummedJournal] = {}
+_registry_lock = threading.Lock()
+_original_create_journal: Callable[..., Any] | None = None
+
+
+def _create_journal(journalFile: str | None = None) -> Any:
+    if journalFile is not None:
+        with _registry_lock:
+            journal = _registry.pop(journalFile, None)
+        if journal is not None:
+            return journal
+    assert _original_create_journal is not None
+    return _original_create_journal(journalFile)
+
+
+def install_journal(path: str, journal: ChecksummedJournal) -> None:
+    """Make the next ``SyncObj`` built with ``journalFile=path`` use ``journal``.
+
+    Hooks ``pysyncobj.syncobj.createJournal`` on first use (idempotent,
+    thread-safe); other paths still get PySyncObj's own journals. A journal
+    registered earlier for the same path and never taken is closed.
+    """
+    global _original_create_journal
+    with _registry_lock:
+        if syncobj_module.createJournal is not _create_journal:
+            _original_create_journal = syncobj_module.createJournal
+            syncobj_module.createJournal = _create_journal
+        displaced = _registry.get(path)
+        _registry[path] = journal
+    if displaced is not None and displaced is not journal:
+        displaced.close()
