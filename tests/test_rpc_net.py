@@ -33,7 +33,6 @@ from iris_raft._rpc import (
     NONCE_SIZE,
     FrameBuffer,
     HandshakeDone,
-    Push,
     Request,
     Role,
     RpcCodec,
@@ -58,6 +57,7 @@ class Handler:
         self.gate = trio.Event()
         self.two_running = trio.Event()
         self.flood_closed = trio.Event()
+        self.subscribed = trio.Event()
 
     async def __call__(self, conn: RpcServerConnection, method: str, params: dict[str, Any]) -> Any:
         if method == "echo":
@@ -84,6 +84,7 @@ class Handler:
         if method == "subscribe":
             conn.state["subscribed"] = True
             self.connections.append(conn)
+            self.subscribed.set()
             return "ok"
         if method == "gated":
             self.running += 1
@@ -155,9 +156,10 @@ async def test_call_and_response(secret: bytes | None) -> None:
 
 async def test_500_concurrent_pipelined_calls_on_one_connection() -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET
-        ) as conn:
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET) as conn,
+        ):
             results: dict[int, Any] = {}
 
             async def one(i: int) -> None:
@@ -171,9 +173,10 @@ async def test_500_concurrent_pipelined_calls_on_one_connection() -> None:
 
 async def test_answers_may_come_out_of_order() -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET
-        ) as conn:
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET) as conn,
+        ):
             finished: list[str] = []
 
             async def call(method: str, params: dict[str, Any]) -> None:
@@ -189,9 +192,10 @@ async def test_answers_may_come_out_of_order() -> None:
 
 async def test_error_responses_raise_the_same_error() -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET
-        ) as conn:
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET) as conn,
+        ):
             with pytest.raises(BadRequest) as bad:
                 await conn.call("bad", {}, timeout=5)
             assert bad.value.message == "no such inbox"
@@ -205,9 +209,10 @@ async def test_handler_bug_is_internal_error_and_the_connection_survives(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET
-        ) as conn:
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET) as conn,
+        ):
             with pytest.raises(InternalError, match="ZeroDivisionError"):
                 await conn.call("bug", {}, timeout=5)
             with pytest.raises(InternalError, match="unencodable"):
@@ -221,10 +226,11 @@ async def test_handler_bug_is_internal_error_and_the_connection_survives(
 
 async def test_call_timeout_is_unknown_outcome_and_the_connection_survives() -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET
-        ) as conn:
-            with pytest.raises(UnknownOutcome, match="within 0.2s"):
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET) as conn,
+        ):
+            with pytest.raises(UnknownOutcome, match=r"within 0\.2s"):
                 await conn.call("hang", {}, timeout=0.2)
             assert await conn.call("echo", {}, timeout=5) == {}
 
@@ -274,9 +280,10 @@ async def test_server_shutdown_mid_call_is_unknown_outcome() -> None:
 
 async def test_client_aclose_fails_pending_calls_with_unknown_outcome() -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET
-        ) as conn:
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET) as conn,
+        ):
             caught: list[BaseException] = []
 
             async def pending_call() -> None:
@@ -319,9 +326,10 @@ async def test_bind_failure_raises_oserror_naming_the_address() -> None:
 async def test_backpressure_bounds_concurrent_requests_per_connection() -> None:
     with trio.fail_after(10):
         handler = Handler()
-        async with serving(handler, max_concurrent_requests=2) as address, open_rpc_connection(
-            address, secret=SECRET
-        ) as conn:
+        async with (
+            serving(handler, max_concurrent_requests=2) as address,
+            open_rpc_connection(address, secret=SECRET) as conn,
+        ):
             results: list[Any] = []
 
             async def one() -> None:
@@ -462,9 +470,10 @@ async def test_oversized_frame_closes_the_connection() -> None:
 
 async def test_request_above_the_client_limit_is_refused_before_sending() -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET, max_frame=4096
-        ) as conn:
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET, max_frame=4096) as conn,
+        ):
             with pytest.raises(BadRequest, match="max_frame"):
                 await conn.call("echo", {"blob": b"x" * 8000}, timeout=5)
             with pytest.raises(BadRequest, match="encode"):
@@ -494,9 +503,10 @@ async def test_handshake_timeout_on_the_client() -> None:
 
 async def test_pushes_arrive_in_order_to_every_subscriber() -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET
-        ) as conn:
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET) as conn,
+        ):
             first = conn.pushes("inbox")
             second = conn.pushes("inbox")
             other = conn.pushes("other")
@@ -516,9 +526,10 @@ async def test_push_overflow_closes_the_connection_instead_of_dropping(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with trio.fail_after(10):
-        async with serving(Handler()) as address, open_rpc_connection(
-            address, secret=SECRET, push_buffer=10
-        ) as conn:
+        async with (
+            serving(Handler()) as address,
+            open_rpc_connection(address, secret=SECRET, push_buffer=10) as conn,
+        ):
             receiver = conn.pushes("inbox")
             with pytest.raises(UnknownOutcome):
                 await conn.call("push", {"channel": "inbox", "n": 100}, timeout=5)
@@ -564,6 +575,38 @@ async def test_client_that_stops_reading_is_disconnected(
     assert any("did not read" in r.getMessage() for r in caplog.records)
 
 
+async def test_pusher_waiting_for_room_is_released_when_the_client_goes_away() -> None:
+    with trio.fail_after(10):
+        handler = Handler()
+        async with serving(handler, send_timeout=60) as address:
+            async with await trio.open_tcp_stream(*address) as raw:
+                codec = await raw_handshake(raw, SECRET)
+                await raw.send_all(codec.send(Request(1, "subscribe", {})))
+                await handler.subscribed.wait()
+                (server_side,) = handler.connections
+                pushed = 0
+                outcome: list[BaseException] = []
+
+                async def pusher() -> None:
+                    nonlocal pushed
+                    try:
+                        while True:
+                            await server_side.push("big", b"x" * 65536)
+                            pushed += 1
+                    except trio.ClosedResourceError as exc:
+                        outcome.append(exc)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pusher)
+                    last = -1
+                    while pushed != last:  # until the buffers are full and the pusher waits
+                        last = pushed
+                        await trio.sleep(0.2)
+                    await raw.send_eof()  # the client leaves without ever reading
+                assert len(outcome) == 1
+            await server_side.wait_closed()
+
+
 # -- TLS ---------------------------------------------------------------------
 
 
@@ -572,7 +615,7 @@ def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """A self-signed certificate for 127.0.0.1 / localhost: (server, client) contexts."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iris test core")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

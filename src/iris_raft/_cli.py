@@ -350,13 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """The first meaningful error inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        preferred = [e for e in exc.exceptions if isinstance(e, IrisError | OSError | BaseExceptionGroup)]
+        exc = (preferred or list(exc.exceptions))[0]
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        result: int = args.func(args)
-        return result
+        try:
+            result: int = args.func(args)
+            return result
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
     except ConfigError as exc:
         print(f"iris: configuration error: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG

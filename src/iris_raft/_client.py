@@ -74,7 +74,7 @@ class Client:
         self._prefer_leader = prefer_leader
         self._nursery = nursery
         self._conn: RpcClientConnection | None = None
-        self._conn_cm: contextlib.AbstractAsyncContextManager[RpcClientConnection] | None = None
+        self._release: trio.Event | None = None
         self._conn_address: str | None = None
         self._lock = trio.Lock()
         self._next = random.randrange(len(self.cores))
@@ -87,22 +87,30 @@ class Client:
         """The core address of the current connection."""
         return self._conn_address
 
-    async def _open(self, address: str) -> RpcClientConnection:
-        cm = open_rpc_connection(
+    async def _hold(
+        self, address: str, task_status: trio.TaskStatus[tuple[RpcClientConnection, trio.Event]]
+    ) -> None:
+        # A connection lives in its own task (its context manager owns a nursery).
+        async with open_rpc_connection(
             address, secret=self._secret, ssl_context=self._ssl, connect_timeout=self._connect_timeout
-        )
-        conn = await cm.__aenter__()
+        ) as conn:
+            release = trio.Event()
+            task_status.started((conn, release))
+            await release.wait()
+
+    async def _open(self, address: str) -> RpcClientConnection:
+        conn, release = await self._nursery.start(self._hold, address)
         await self._drop()
-        self._conn, self._conn_cm, self._conn_address = conn, cm, address
+        self._conn, self._release, self._conn_address = conn, release, address
         self.reconnects += 1
         return conn
 
     async def _drop(self) -> None:
-        cm, self._conn_cm, self._conn = self._conn_cm, None, None
+        release, self._release, self._conn = self._release, None, None
         self._conn_address = None
-        if cm is not None:
-            with contextlib.suppress(Exception):
-                await cm.__aexit__(None, None, None)
+        if release is not None:
+            release.set()
+        await trio.lowlevel.checkpoint()
 
     async def _connection(self) -> RpcClientConnection:
         async with self._lock:

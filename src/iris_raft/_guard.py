@@ -63,10 +63,11 @@ class PartitionGuard:
         self.members: frozenset[str] = frozenset(members) | {self_node}
         self.detect_after = detect_after
         self.hysteresis = hysteresis
-        self.state = GuardState.BLOCKED
+        alone = self.members == {self_node}
+        self.state = GuardState.SAFE if alone else GuardState.BLOCKED
         self.reachable: frozenset[str] = frozenset({self_node})
         self._quorum_since: float | None = None
-        self._ever_safe = False
+        self._ever_safe = alone
         self.transitions = 0
 
     def set_members(self, members: Iterable[str]) -> None:

@@ -156,9 +156,8 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
             journal_problem = exc
         if journal_problem is None and meta_problem is None:
             assert meta is not None
-            self._current_term, self._voted_for, commit_index = meta
-            last_idx = self._idxs[-1] if self._idxs else 1
-            self._commit_index = max(1, min(commit_index, last_idx))
+            self._current_term, self._voted_for, self._commit_index = meta
+            self._clamp_commit_index()
             return
         problem = journal_problem or meta_problem
         assert problem is not None
@@ -276,6 +275,17 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
             ) from exc
         return term, voted_for, commit
 
+    def _clamp_commit_index(self) -> None:
+        """Keep the stored commit index within the log, written at once.
+
+        Left above the end of a log that later grows again, it would mark entries
+        committed that never were.
+        """
+        limit = max(1, self._idxs[-1] if self._idxs else 1)
+        if self._commit_index > limit:
+            self._commit_index = limit
+            self._write_meta()
+
     def _write_meta(self) -> None:
         record = {
             "version": _META_VERSION,
@@ -353,6 +363,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         self._end = new_end
         for _ in range(min(removed, len(self._cache))):
             self._cache_size -= len(self._cache.pop())
+        self._clamp_commit_index()
 
     def clear(self) -> None:
         """Remove every entry (truncate to zero and fsync)."""
@@ -584,7 +595,7 @@ def verify_dump(path: str, *, allow_nuke: bool) -> None:
                 with gzip.GzipFile(fileobj=f, mode="rb") as g:
                     while g.read(_COPY_CHUNK):
                         pass
-            except (EOFError, zlib.error, OSError) as exc:
+            except (EOFError, zlib.error) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
     if problem is None:
         return

@@ -232,7 +232,7 @@ def op_to_wire(op: Op) -> list[Any]:
 
 def op_from_wire(raw: Any) -> Op:
     """Validate and build an op from its wire list; raises :class:`BadRequest`."""
-    if not isinstance(raw, list) or not raw or not isinstance(raw[0], int):
+    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
         raise BadRequest("operation must be a list starting with its tag")
     cls = _BY_TAG.get(raw[0])
     if cls is None:
@@ -284,15 +284,15 @@ def decode_batch_header(payload: bytes) -> tuple[int, str, Limits, list[Any]]:
         raw = cbor2.loads(payload)
     except Exception as exc:  # cbor2 raises several types for garbage
         raise BadRequest(f"batch is not valid CBOR: {exc}") from None
-    if not (isinstance(raw, list) and len(raw) == 5 and raw[0] == BATCH_VERSION):
+    if not (isinstance(raw, list) and len(raw) == 5 and type(raw[0]) is int and raw[0] == BATCH_VERSION):
         raise BadRequest("batch has the wrong shape or version")
     _, now_ms, origin, lim, ops = raw
     if not (
-        isinstance(now_ms, int)
+        type(now_ms) is int
         and isinstance(origin, str)
         and isinstance(lim, list)
         and len(lim) == 4
-        and all(isinstance(x, int) and x >= 0 for x in lim)
+        and all(type(x) is int and x >= 0 for x in lim)
         and isinstance(ops, list)
     ):
         raise BadRequest("batch header is malformed")
@@ -321,7 +321,7 @@ def decode_op(payload: bytes) -> Op:
 
 def send_op_id(sender: str, client_id: str) -> str:
     """The operation id of a send: the deduplication key ``(sender, client id)``."""
-    return f"send\x1f{sender}\x1f{client_id}"
+    return f"send:{len(sender)}:{sender}:{client_id}"
 
 
 def new_op_id() -> str:

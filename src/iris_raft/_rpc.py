@@ -40,14 +40,16 @@ they were sent.
 
 The shell. The server runs each request in its own task, at most
 ``max_concurrent_requests`` per connection: when they are all busy it stops
-reading that connection (TCP backpressure). Writes on a connection are
-serialised by a lock (the frame counter must follow the wire order) and
-bounded by ``send_timeout``: a peer that does not read is disconnected, it
-never blocks other connections. A write interrupted half-way leaves the
-stream unusable, so the connection is closed. The client matches responses
-to pending calls by id; a call that times out, or whose connection is lost
-before its answer arrives, raises :class:`UnknownOutcome`, because the
-request may have run.
+reading that connection (TCP backpressure). Each side of a connection has
+one writer task: senders encode and queue frames synchronously, so the wire
+order is the frame-counter order, and the writer sends whatever has piled up
+in one write (pipelined calls share syscalls). Senders wait while more than
+1 MiB is queued; a piece the peer does not accept within ``send_timeout``
+closes that connection, so a peer that stops reading never blocks anything
+else, and no caller's timeout can cut a frame in half. The client matches
+responses to pending calls by id; a call that times out, or whose
+connection is lost before its answer arrives, raises :class:`UnknownOutcome`,
+because the request may have run.
 """
 
 from __future__ import annotations
@@ -702,9 +704,14 @@ class _FrameWriter:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(f"send failed: {exc!r}", timed_out=False)
 
-    def _fail(self, reason: str, *, timed_out: bool) -> None:
-        self.failure = reason
+    def close(self, reason: str) -> None:
+        """Refuse further frames and wake the senders waiting for room."""
+        if self.failure is None:
+            self.failure = reason
         self._drained.set()
+
+    def _fail(self, reason: str, *, timed_out: bool) -> None:
+        self.close(reason)
         self._on_failure(reason, timed_out)
 
 
@@ -734,7 +741,6 @@ class RpcServerConnection:
         self.closed = trio.Event()
         self._stream = stream
         self._codec = codec
-        self._send_timeout = send_timeout
         self._writer = _FrameWriter(stream, send_timeout=send_timeout, on_failure=self._send_failed)
         self._scope = trio.CancelScope()
         self._closing = False
@@ -769,8 +775,12 @@ class RpcServerConnection:
         await self.closed.wait()
 
     def _abort(self) -> None:
-        self._closing = True
+        self._mark_closing()
         self._scope.cancel()
+
+    def _mark_closing(self) -> None:
+        self._closing = True
+        self._writer.close(f"connection from {self.peer} is closed")
 
     def _send_failed(self, reason: str, timed_out: bool) -> None:
         if timed_out:
@@ -812,7 +822,7 @@ class RpcServerConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 _log.debug("rpc connection from %s lost: %r", self.peer, exc)
             # Answers can no longer be delivered: cancel what is in flight.
-            self._closing = True
+            self._mark_closing()
             nursery.cancel_scope.cancel()
 
     async def _run_request(
@@ -848,7 +858,7 @@ class RpcServerConnection:
         return ErrorResponse.from_error(request.id, error)
 
     async def _finish(self) -> None:
-        self._closing = True
+        self._mark_closing()
         await _close_quietly(self._stream)
         for callback in self.cleanup_callbacks:
             try:
@@ -1090,6 +1100,7 @@ class RpcClientConnection:
         if not self._closed:
             self._closed = True
             self._close_reason = reason
+        self._writer.close(reason)
         self._scope.cancel()
 
     def _send_failed(self, reason: str, timed_out: bool) -> None:

@@ -86,6 +86,21 @@ class Session(NamedTuple):
     since: int
 
 
+#: Lease given to an edge that opens a session without holding one.
+DEFAULT_LEASE_MS = 60_000
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality for register values that tells ``True`` from ``1`` and ``1`` from ``1.0``."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
 # Results are tuples for speed: (True, value) or (False, code, message).
 Result = tuple[Any, ...]
 OK_NONE: Result = (True, None)
@@ -311,6 +326,10 @@ class IrisState:
         if op.session in self.sessions:
             self._remove_session(op.session)
         self.sessions[op.session] = Session(op.user, op.edge, op.jti, op.iat_ms, op.since_ms)
+        # Sessions live on their edge's lease; an edge that never renewed gets
+        # a short one, so its sessions cannot outlive it forever.
+        if op.edge not in self.leases:
+            self.leases[op.edge] = max(op.since_ms, self.now_ms) + DEFAULT_LEASE_MS
         self.sessions_by_edge.setdefault(op.edge, set()).add(op.session)
         self.state_bytes += _SESSION_OVERHEAD + len(op.session) + len(op.user) + len(op.jti)
         return OK_NONE
@@ -342,7 +361,7 @@ class IrisState:
         return OK_NONE
 
     def _cas(self, op: Cas) -> Result:
-        if self.registers.get(op.key) != op.expected:
+        if not same_value(self.registers.get(op.key), op.expected):
             return (True, False)
         self._set_register(op.key, op.new)
         return (True, True)
@@ -359,10 +378,14 @@ class IrisState:
         heap = self._expiry
         while heap and heap[0][0] <= now:
             _, user, mid = heapq.heappop(heap)
-            self._drop_message(user, mid)
+            box = self.inboxes.get(user)
+            msg = box.get(mid) if box is not None else None
+            # The heap entry may be stale: the mid was acked and stored again later.
+            if msg is not None and msg.expires <= now:
+                self._drop_message(user, mid)
         dheap = self._dedup_expiry
         while dheap and dheap[0][0] <= now:
-            expires, op_id = heapq.heappop(dheap)
+            _, op_id = heapq.heappop(dheap)
             entry = self.dedup.get(op_id)
             if entry is not None and entry[0] <= now:
                 del self.dedup[op_id]

@@ -70,7 +70,7 @@ def test_truncation_at_every_offset_is_a_torn_tail(payloads: list[bytes]) -> Non
 def test_bit_flip_never_yields_a_different_record(
     payloads: list[bytes], data_strategy: st.DataObject
 ) -> None:
-    data, ends = _frame(payloads)
+    data, _ = _frame(payloads)
     cut = data_strategy.draw(st.integers(min_value=1, max_value=len(data)), label="cut")
     buf = bytearray(data[:cut])
     for bit in range(len(buf) * 8):

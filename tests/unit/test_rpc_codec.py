@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import struct
 from typing import Any
 
@@ -23,6 +24,7 @@ from iris_raft._rpc import (
     Event,
     FrameBuffer,
     HandshakeDone,
+    Message,
     Push,
     Request,
     Response,
@@ -64,7 +66,7 @@ def handshake(client: RpcCodec, server: RpcCodec) -> None:
     assert drain(server) == [HandshakeDone(authenticated)]
     client.receive_data(server.data_to_send())
     assert drain(client) == [HandshakeDone(authenticated)]
-    assert client.state is CodecState.OPEN and server.state is CodecState.OPEN
+    assert (client.state, server.state) == (CodecState.OPEN, CodecState.OPEN)
 
 
 def open_pair(secret: bytes | None = SECRET, max_frame: int = 1 << 20) -> tuple[RpcCodec, RpcCodec]:
@@ -120,7 +122,7 @@ def test_frames_survive_any_chunking(cuts: list[int]) -> None:
     points = [0, *sorted(cuts), len(STREAM)]
     buffer = FrameBuffer(4096)
     out = []
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in itertools.pairwise(points):
         buffer.receive_data(STREAM[start:end])
         while (frame := buffer.next_frame()) is not None:
             out.append(frame)
@@ -288,7 +290,7 @@ def test_malformed_hello_is_a_protocol_error(hello: Any) -> None:
 
 
 def test_dev_mode_handshake_and_plaintext_frames() -> None:
-    client, server = open_pair(secret=None)
+    client, _server = open_pair(secret=None)
     (body,) = frames_of(client.send(Request(1, "echo", {"a": 1})))
     assert cbor2.loads(body) == {"id": 1, "m": "echo", "p": {"a": 1}}
 
@@ -354,7 +356,7 @@ def test_conversation_survives_any_chunking(data: st.DataObject) -> None:
     points = [0, *cuts, len(stream)]
     server = RpcCodec(Role.SERVER, secret=SECRET, nonce=SERVER_NONCE)
     events: list[Event] = []
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in itertools.pairwise(points):
         server.receive_data(stream[start:end])
         events += drain(server)
     assert events == expected
@@ -539,7 +541,7 @@ def test_random_messages_round_trip(
     sent_by_client = [Request(request_id, method, params), Request(request_id + 1, "x", {})]
     server.receive_data(b"".join(client.send(m) for m in sent_by_client))
     assert drain(server) == sent_by_client
-    sent_by_server = [
+    sent_by_server: list[Message] = [
         Push(method, push),
         Response(request_id, result),
         ErrorResponse(request_id + 1, "bad_request", "no", error_data),

@@ -1,4 +1,4 @@
-"""The write-ahead log against a list-of-records model: replay, torn tails, bit flips, group commit."""
+"""The WAL against a list-of-records model: replay, torn tails, bit flips, group commit."""
 
 from __future__ import annotations
 
