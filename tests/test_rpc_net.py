@@ -58,6 +58,8 @@ class Handler:
         self.two_running = trio.Event()
         self.flood_closed = trio.Event()
         self.subscribed = trio.Event()
+        self.hanging = trio.Event()
+        self.gated_started = trio.Event()
 
     async def __call__(self, conn: RpcServerConnection, method: str, params: dict[str, Any]) -> Any:
         if method == "echo":
@@ -66,6 +68,7 @@ class Handler:
             await trio.sleep(params["seconds"])
             return "slept"
         if method == "hang":
+            self.hanging.set()
             await trio.sleep_forever()
         if method == "bad":
             raise BadRequest("no such inbox", inbox="bob")
@@ -89,6 +92,7 @@ class Handler:
         if method == "gated":
             self.running += 1
             self.max_running = max(self.max_running, self.running)
+            self.gated_started.set()
             if self.running == 2:
                 self.two_running.set()
             await self.gate.wait()
@@ -173,8 +177,9 @@ async def test_500_concurrent_pipelined_calls_on_one_connection() -> None:
 
 async def test_answers_may_come_out_of_order() -> None:
     with trio.fail_after(10):
+        handler = Handler()
         async with (
-            serving(Handler()) as address,
+            serving(handler) as address,
             open_rpc_connection(address, secret=SECRET) as conn,
         ):
             finished: list[str] = []
@@ -184,10 +189,11 @@ async def test_answers_may_come_out_of_order() -> None:
                 finished.append(method)
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(call, "sleep", {"seconds": 0.3})
-                await trio.sleep(0.05)
-                nursery.start_soon(call, "echo", {})
-            assert finished == ["echo", "sleep"]
+                nursery.start_soon(call, "gated", {})
+                await handler.gated_started.wait()
+                await call("echo", {})
+                handler.gate.set()
+            assert finished == ["echo", "gated"]
 
 
 async def test_error_responses_raise_the_same_error() -> None:
@@ -252,19 +258,18 @@ async def test_server_shutdown_mid_call_is_unknown_outcome() -> None:
     with trio.fail_after(10):
         outcome: list[BaseException] = []
         server_scope = trio.CancelScope()
+        handler = Handler()
 
         async def run_server(task_status: trio.TaskStatus[Any]) -> None:
             with server_scope:
-                await serve_rpc(Handler(), "127.0.0.1", 0, secret=SECRET, task_status=task_status)
+                await serve_rpc(handler, "127.0.0.1", 0, secret=SECRET, task_status=task_status)
 
         async with trio.open_nursery() as outer:
             listeners = await outer.start(run_server)
             port = listeners[0].socket.getsockname()[1]
             async with open_rpc_connection(("127.0.0.1", port), secret=SECRET) as conn:
-                started = trio.Event()
 
                 async def pending_call() -> None:
-                    started.set()
                     try:
                         await conn.call("hang", {}, timeout=8)
                     except UnknownOutcome as exc:
@@ -272,16 +277,16 @@ async def test_server_shutdown_mid_call_is_unknown_outcome() -> None:
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(pending_call)
-                    await started.wait()
-                    await trio.sleep(0.1)  # let the request reach the handler
+                    await handler.hanging.wait()
                     server_scope.cancel()
         assert len(outcome) == 1
 
 
 async def test_client_aclose_fails_pending_calls_with_unknown_outcome() -> None:
     with trio.fail_after(10):
+        handler = Handler()
         async with (
-            serving(Handler()) as address,
+            serving(handler) as address,
             open_rpc_connection(address, secret=SECRET) as conn,
         ):
             caught: list[BaseException] = []
@@ -293,7 +298,7 @@ async def test_client_aclose_fails_pending_calls_with_unknown_outcome() -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pending_call)
-                await trio.sleep(0.1)
+                await handler.hanging.wait()
                 await conn.aclose()
             assert len(caught) == 1
 

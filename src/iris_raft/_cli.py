@@ -139,12 +139,6 @@ def _cmd_core(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_dev(args: argparse.Namespace) -> int:
-    from ._dev import run_dev
-
-    return run_dev(args)
-
-
 # -------------------------------------------------------------------- tools
 
 
@@ -285,16 +279,24 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- main
 
 
+def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Add ``--config`` and ``--set`` to a subcommand."""
+    p.add_argument("--config", required=required, help="TOML configuration file")
+    p.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key"
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> IrisConfig:
+    """The configuration named by ``--config``/``--set`` (warnings logged)."""
+    return _load(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iris", description="Iris messaging backbone")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
-        p.add_argument("--config", required=required, help="TOML configuration file")
-        p.add_argument(
-            "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key"
-        )
+    parser.set_defaults(_subparsers=sub)
 
     def with_rpc(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rpc", action="append", help="core RPC address (repeatable)")
@@ -304,12 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("core", help="run a core node")
     with_config(p)
     p.set_defaults(func=_cmd_core)
-
-    p = sub.add_parser("dev", help="run a one-process development server")
-    p.add_argument("--data-dir", default="./iris-data")
-    p.add_argument("--port", type=int, default=8085)
-    p.add_argument("--host", default="127.0.0.1")
-    p.set_defaults(func=_cmd_dev)
 
     p = sub.add_parser("status", help="show cluster status")
     with_config(p)
@@ -358,8 +354,9 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run the ``iris`` command (``parser``: a parser extended by another package)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:

@@ -603,11 +603,12 @@ class CoreConfig:
                 self.election_timeout_max,
                 f"must be greater than core.election_timeout_min ({self.election_timeout_min})",
             )
-        if self.heartbeat_interval >= self.election_timeout_min:
+        if self.heartbeat_interval * 3 >= self.election_timeout_min:
             raise _bad(
                 "core.heartbeat_interval",
                 self.heartbeat_interval,
-                f"must be less than core.election_timeout_min ({self.election_timeout_min})",
+                "must be less than a third of core.election_timeout_min "
+                f"({self.election_timeout_min}): followers need several heartbeats per timeout",
             )
         if self.max_inflight_ops < self.max_batch_ops:
             raise _bad(

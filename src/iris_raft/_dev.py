@@ -1,16 +1,13 @@
-"""``iris dev``: a one-process development server with its data in one folder.
+"""The single-node configuration behind ``iris dev`` and the embedded examples.
 
-Runs a single-node core (no cluster secret: dev mode) with its Raft files and
-WAL under ``--data-dir``, so stored messages survive a restart.
+Everything lives under one data folder (Raft files, WAL, the chosen ports), so
+a restart finds its data and its ports again. No cluster secret: dev mode.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
-
-import trio
 
 from ._config import IrisConfig
 
@@ -39,13 +36,3 @@ def dev_config(data_dir: str, *, raft_port: int | None = None, rpc_port: int | N
     with open(ports_file, "w") as f:
         f.write(f"{raft_port} {rpc_port}\n")
     return IrisConfig.for_dev(data_dir, raft_port=raft_port, rpc_port=rpc_port)
-
-
-def run_dev(args: argparse.Namespace) -> int:
-    from ._cli import run_core
-
-    data_dir = os.path.abspath(args.data_dir)
-    config = dev_config(data_dir)
-    print(f"iris dev: data in {data_dir}", flush=True)
-    trio.run(run_core, config)
-    return 0

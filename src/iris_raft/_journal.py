@@ -12,7 +12,8 @@ node fail to apply forever. :class:`ChecksummedJournal` implements the same
 * persist before acknowledge: :meth:`~ChecksummedJournal.add` writes the record
   and ``fdatasync`` s before it returns, because PySyncObj acknowledges an entry
   (and counts itself toward a commit) as soon as ``add`` returns;
-  :meth:`~ChecksummedJournal.deleteEntriesFrom` and ``clear`` truncate and fsync;
+  :meth:`~ChecksummedJournal.deleteEntriesFrom` truncates and fsyncs (``clear``
+  and the ``add`` s after it: see "loading a snapshot" below);
 * ``currentTerm`` and ``votedForNodeId`` are written (atomically, fsynced) in
   ``setCurrentTerm`` before PySyncObj sends the vote or message that reflects
   them; the commit index is only an optimisation and is written lazily once a
@@ -22,6 +23,22 @@ node fail to apply forever. :class:`ChecksummedJournal` implements the same
   snapshot and its directory first, then write the remaining entries to
   ``<path>.compact``, fsync, rename it over the journal and fsync the directory,
   so after a crash either the old or the new journal is there, never a mix;
+* loading a snapshot: PySyncObj (``__loadDumpFile``, at start-up and when a
+  follower installs the leader's snapshot) calls ``clear()`` and then ``add``
+  with the snapshot's last two entries. ``clear`` therefore only *stages* an
+  empty log and leaves the file alone. If the next two ``add`` s are
+  consecutive and the second one's (index, term) is an entry of the old log,
+  the entries after it are kept (Raft §7: "if an existing log entry has the
+  same index and term as the snapshot's last included entry, retain the log
+  entries following it"); otherwise the log becomes just those two entries.
+  Either way the new log is written through ``<path>.compact`` like a
+  compaction (the snapshot is fsynced first), so a crash at any point leaves
+  the old or the new log. This matters after a crash between the snapshot's
+  rename and ``deleteEntriesTo``: the journal still starts before the
+  snapshot, and without this the committed entries after it would be thrown
+  away. Any other call after ``clear()`` first makes the staged log (empty or
+  one entry) the real one, exactly as an immediate clear would have; closing
+  with one staged entry leaves the old log, as a crash there would;
 * on open, a torn tail (an append a crash cut short; never acknowledged) is
   truncated with a warning; a failed checksum raises
   :class:`~iris_raft._exceptions.CorruptFile`, or with ``allow_nuke`` the journal
@@ -49,6 +66,7 @@ its tick thread; the journal itself takes no locks.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -59,7 +77,7 @@ import threading
 import zlib
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, SupportsIndex, overload
 
 import pysyncobj.syncobj as syncobj_module
@@ -135,6 +153,9 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         self._meta_dirty = False
         self._failed: OSError | None = None
         self._fd: int | None = None
+        # After clear(): the entries added since, which are not on disk yet (the
+        # file still holds the old log); None otherwise. See _resolve_pair.
+        self._staged: list[Entry] | None = None
         self._open()
 
     # ----------------------------------------------------------------- open
@@ -317,6 +338,9 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         all further writes).
         """
         fd = self._writable_fd()
+        if self._staged is not None:
+            self._add_after_clear((_as_bytes(command), idx, term))
+            return
         if self._idxs and idx != self._idxs[-1] + 1:
             raise ValueError(f"journal entry {idx} does not follow entry {self._idxs[-1]}")
         data = _as_bytes(command)
@@ -342,6 +366,9 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         self._end += len(record)
         self._cache.append(data)
         self._cache_size += len(data)
+        self._trim_cache()
+
+    def _trim_cache(self) -> None:
         while self._cache and (
             len(self._cache) > self._cache_limit or self._cache_size > self._cache_byte_limit
         ):
@@ -350,7 +377,9 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
     def _truncate(self, position: int) -> None:
         """Drop entries ``position`` and later from the file (fsynced) and from memory."""
         fd = self._writable_fd()
-        new_end = self._offsets[position] if position < len(self._offsets) else self._end
+        if position >= len(self._offsets):
+            return
+        new_end = self._offsets[position]
         try:
             os.ftruncate(fd, new_end)
             os.fsync(fd)
@@ -366,11 +395,71 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         self._clamp_commit_index()
 
     def clear(self) -> None:
-        """Remove every entry (truncate to zero and fsync)."""
-        self._truncate(0)
+        """Remove every entry, but keep the old ones on disk until the next ``add`` s show
+        whether they are a snapshot's last two entries (see :meth:`_resolve_pair`).
+
+        Until then the journal reads as empty (plus what was added since) and the
+        file is untouched: a crash restores the old log.
+        """
+        self._writable_fd()
+        self._settle()
+        self._staged = []
+
+    def _add_after_clear(self, entry: Entry) -> None:
+        staged = self._staged
+        assert staged is not None
+        if not staged:
+            _ENTRY.pack(entry[1], entry[2])  # raises now, as an append would, if out of range
+            staged.append(entry)
+            return
+        if entry[1] != staged[-1][1] + 1:
+            raise ValueError(f"journal entry {entry[1]} does not follow entry {staged[-1][1]}")
+        self._resolve_pair(staged[0], entry)
+
+    def _resolve_pair(self, entry0: Entry, entry1: Entry) -> None:
+        """Replace the old log by ``[entry0, entry1]`` and, when ``entry1`` has the index and
+        term of an old entry, the old entries after it (Raft §7), atomically.
+
+        ``clear(); add(entry0); add(entry1)`` is how PySyncObj loads a snapshot whose
+        last included entries are ``entry0`` and ``entry1``. The old entries before
+        ``entry1`` are covered by the snapshot, so it is fsynced first (when it exists).
+        Raises :class:`OSError`, leaving the old log and ``[entry0]`` staged.
+        """
+        _, idx, term = entry1
+        count = len(self._idxs)
+        keep_from = count
+        if count:
+            position = idx - self._idxs[0]
+            if 0 <= position < count and self._terms[position] == term:
+                keep_from = position + 1
+        with contextlib.suppress(FileNotFoundError):  # no snapshot: a plain clear() and 2 adds
+            self._sync_dump()
+        self._rewrite([entry0, entry1], keep_from)
+        self._staged = None
+        kept = count - keep_from
+        if kept:
+            log.info(
+                "%s: kept %d entries after the snapshot's last entry (index %d, term %d)",
+                self.path,
+                kept,
+                idx,
+                term,
+            )
+        self._clamp_commit_index()
+
+    def _settle(self) -> None:
+        """Make the log staged after ``clear()`` (empty or one entry) the real one, on disk."""
+        staged = self._staged
+        if staged is None:
+            return
+        self._rewrite(staged, len(self._idxs))
+        self._staged = None
+        self._clamp_commit_index()
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         """Remove entries at positions ``entryFrom`` and later (a Raft log conflict)."""
+        self._writable_fd()
+        self._settle()
         self._truncate(max(0, entryFrom))
 
     def deleteEntriesTo(self, entryTo: int) -> None:
@@ -380,23 +469,39 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         via ``<path>.compact``. Raises :class:`OSError` (for instance when the
         snapshot is missing), leaving the journal unchanged.
         """
-        fd = self._writable_fd()
-        count = len(self._offsets)
-        position = min(max(0, entryTo), count)
+        self._writable_fd()
+        self._settle()
+        position = min(max(0, entryTo), len(self._offsets))
         if position == 0:
             return
         self._sync_dump()
-        start = self._offsets[position] if position < count else self._end
+        self._rewrite([], position)
+
+    def _rewrite(self, head: Sequence[Entry], keep_from: int) -> None:
+        """Replace the journal by ``head`` followed by its entries from position ``keep_from``.
+
+        Writes ``<path>.compact``, fsyncs it, renames it over the journal and fsyncs
+        the directory, so a crash leaves the old or the new log. Raises
+        :class:`OSError`; before the rename the journal is unchanged, a failure of the
+        directory sync afterwards makes every later write fail.
+        """
+        fd = self._writable_fd()
+        count = len(self._offsets)
+        keep_from = min(max(0, keep_from), count)
+        start = self._offsets[keep_from] if keep_from < count else self._end
+        head_records = [encode_record(_ENTRY.pack(idx, term) + cmd) for cmd, idx, term in head]
+        head_size = sum(len(r) for r in head_records)
         new_fd = os.open(
             self._compact_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
         )
         try:
+            write_all(new_fd, b"".join(head_records), 0)
             offset = start
             while offset < self._end:
                 chunk = os.pread(fd, min(_COPY_CHUNK, self._end - offset), offset)
                 if not chunk:
                     raise OSError(f"{self.path} is shorter than expected")
-                write_all(new_fd, chunk, offset - start)
+                write_all(new_fd, chunk, head_size + offset - start)
                 offset += len(chunk)
             os.fsync(new_fd)
             os.replace(self._compact_path, self.path)
@@ -405,13 +510,28 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
             raise
         self._fd = new_fd
         os.close(fd)
-        self._offsets = array("q", (o - start for o in self._offsets[position:]))
-        del self._lengths[:position]
-        del self._idxs[:position]
-        del self._terms[:position]
-        self._end -= start
-        while len(self._cache) > len(self._offsets):
-            self._cache_size -= len(self._cache.popleft())
+        offsets, position = array("q"), 0
+        for record in head_records:
+            offsets.append(position)
+            position += len(record)
+        offsets.extend(o - start + head_size for o in self._offsets[keep_from:])
+        lengths = array("q", (len(r) - HEADER_SIZE for r in head_records))
+        lengths.extend(self._lengths[keep_from:])
+        idxs = array("q", (idx for _, idx, _ in head))
+        idxs.extend(self._idxs[keep_from:])
+        terms = array("q", (term for _, _, term in head))
+        terms.extend(self._terms[keep_from:])
+        self._offsets, self._lengths, self._idxs, self._terms = offsets, lengths, idxs, terms
+        self._end += head_size - start
+        # The cache holds the commands of the last len(cache) entries: those of the
+        # kept entries that were cached, and the head's if all kept entries were.
+        kept = count - keep_from
+        cache = deque(list(self._cache)[max(0, len(self._cache) - kept) :])
+        if len(cache) == kept:
+            cache.extendleft(command for command, _, _ in reversed(head))
+        self._cache = cache
+        self._cache_size = sum(len(command) for command in cache)
+        self._trim_cache()
         try:
             fsync_dir(self._directory)
         except OSError as exc:
@@ -431,6 +551,8 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
     # ----------------------------------------------------------------- read
 
     def __len__(self) -> int:
+        if self._staged is not None:
+            return len(self._staged)
         return len(self._offsets)
 
     @overload
@@ -440,6 +562,13 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
     def __getitem__(self, item: slice) -> list[Entry]: ...
 
     def __getitem__(self, item: SupportsIndex | slice) -> Entry | list[Entry]:
+        if self._staged is not None:
+            if isinstance(item, slice):
+                return self._staged[item]
+            try:
+                return self._staged[item]
+            except IndexError:
+                raise IndexError("journal index out of range") from None
         count = len(self._offsets)
         if isinstance(item, slice):
             start, stop, step = item.indices(count)
@@ -541,9 +670,23 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
             log.warning("could not write %s; will retry", self._meta_path, exc_info=True)
 
     def _destroy(self) -> None:
-        """Write pending meta and close the file. Idempotent."""
+        """Write pending meta and close the file. Idempotent.
+
+        After ``clear()`` with nothing added since, the journal is emptied on disk
+        first. With one entry added since, the old log stays (the pair that decides
+        what to keep is incomplete, as if the node had crashed here).
+        """
         if self._fd is None:
             return
+        if self._staged is not None and not self._staged:
+            try:
+                self._settle()
+            except OSError:
+                log.error(
+                    "could not empty %s after clear(); it keeps its old entries",
+                    self.path,
+                    exc_info=True,
+                )
         self.flush()
         self._close_fd()
 
@@ -552,6 +695,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         self._destroy()
 
     def _close_fd(self) -> None:
+        self._staged = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -595,7 +739,7 @@ def verify_dump(path: str, *, allow_nuke: bool) -> None:
                 with gzip.GzipFile(fileobj=f, mode="rb") as g:
                     while g.read(_COPY_CHUNK):
                         pass
-            except (EOFError, zlib.error) as exc:
+            except (EOFError, zlib.error, OSError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
     if problem is None:
         return

@@ -645,7 +645,7 @@ class Node:
     async def revoke_token(self, jti: str, exp_ms: int, *, op_id: str | None = None) -> None:
         """Revoke one token until its expiry ``exp_ms``."""
         check_text("jti", jti)
-        (result,) = await self._write([RevokeToken(op_id or new_op_id(), jti, int(exp_ms))])
+        (result,) = await self._commit([RevokeToken(op_id or new_op_id(), jti, int(exp_ms))])
         self._raise_for(result)
 
     async def revoke_user(
@@ -660,7 +660,7 @@ class Node:
         check_text("user", user)
         before = self._clock() if before_ms is None else int(before_ms)
         op = RevokeUser(op_id or new_op_id(), user, before, before + retain_ms)
-        (result,) = await self._write([op])
+        (result,) = await self._commit([op])
         self._raise_for(result)
         return before
 
@@ -703,10 +703,18 @@ class Node:
     async def cas(self, key: str, expected: Any, new: Any, *, op_id: str | None = None) -> bool:
         """Compare-and-set a register; True if it was set. Always goes through Raft."""
         check_text("key", key)
-        op = Cas(op_id or new_op_id(), key, expected, new)
-        self._admit([op])
-        (result,) = await self._batcher.submit([op], trio.current_time() + self._timeout)
+        (result,) = await self._commit([Cas(op_id or new_op_id(), key, expected, new)])
         return bool(self._raise_for(result))
+
+    async def _commit(self, ops: Sequence[Op]) -> list[Result]:
+        """Admit and commit through Raft in every mode (no WAL acknowledgement).
+
+        Used where the answer needs the replicated state (compare-and-set) or
+        where a stale view is a security hole (revocations): these are
+        acknowledged only once committed by a majority, also in hardened_ap.
+        """
+        self._admit(ops)
+        return await self._batcher.submit(ops, trio.current_time() + self._timeout)
 
     # ---------------------------------------------------------------- reads
 
@@ -727,7 +735,10 @@ class Node:
         elif linearizable:
             if not self.guard.safe:
                 raise Unavailable("no quorum: a linearizable read is impossible")
-            await self._batcher.submit([Barrier()], trio.current_time() + self._timeout)
+            try:
+                await self._batcher.submit([Barrier()], trio.current_time() + self._timeout)
+            except UnknownOutcome:
+                raise Unavailable("the read barrier did not commit in time") from None
         return self._raft.read_state(fn)
 
     async def fetch_inbox(self, user: str, limit: int | None = None) -> list[StoredMessage]:
@@ -736,8 +747,16 @@ class Node:
         return list(await self.read(lambda s: s.inbox(user, limit)))
 
     async def is_revoked(self, user: str, jti: str, iat_ms: int | None) -> bool:
-        """True if the token is revoked (by ``jti`` or by a per-user cut-off)."""
-        return bool(await self.read(lambda s: s.is_revoked(user, jti, iat_ms)))
+        """True if the token is revoked (by ``jti`` or by a per-user cut-off).
+
+        Linearizable whenever this core sees a quorum, in both modes, so a
+        revocation acknowledged anywhere is seen. On the minority side, cp
+        raises :class:`Unavailable`; hardened_ap answers from the local replica.
+        """
+        fn: Callable[[IrisState], bool] = lambda s: s.is_revoked(user, jti, iat_ms)  # noqa: E731
+        if self.guard.safe:
+            return bool(await self.read(fn, linearizable=True))
+        return bool(await self.read(fn))
 
     async def get(self, key: str, *, linearizable: bool | None = None) -> Any:
         """Read a register (None when unset)."""

@@ -689,8 +689,6 @@ class _FrameWriter:
                 while not self._buffer:
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
-                    # One scheduler pass lets concurrent senders join this write.
-                    await trio.lowlevel.checkpoint()
                 data, self._buffer = self._buffer, bytearray()
                 self._drained.set()
                 self._drained = trio.Event()

@@ -430,11 +430,9 @@ class WriteAheadLog:
                 raise RuntimeError("the write-ahead log is not open")
             if lsn < 0 or lsn >= self._next_lsn:
                 raise ValueError(f"cannot mark LSN {lsn} drained: the last LSN is {self.last_lsn}")
-            if lsn <= self._drained:
-                return
-            self._drained = lsn
+            self._drained = max(self._drained, lsn)
             doomed: list[_Segment] = []
-            while len(self._segments) > 1 and self._segments[0].last_lsn <= lsn:
+            while len(self._segments) > 1 and self._segments[0].last_lsn <= self._drained:
                 doomed.append(self._segments.pop(0))
         with self._persist_lock:
             target = self._drained

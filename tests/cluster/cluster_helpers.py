@@ -10,11 +10,12 @@ their deadline passes.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,51 @@ import iris_raft  # noqa: E402
 from iris_raft import IrisError, Unavailable, UnknownOutcome, WriteBlocked  # noqa: E402
 from iris_raft._rpc import open_rpc_connection  # noqa: E402
 from iris_raft._wire import message_from_wire  # noqa: E402
+from jepsen_like import cluster as _harness  # noqa: E402
 from jepsen_like.cluster import LocalCluster  # noqa: E402
-from jepsen_like.cluster import open_cluster as open_cluster  # noqa: E402
 
 #: Errors after which a writer retries the same client id.
 RETRYABLE = (UnknownOutcome, Unavailable, WriteBlocked)
+
+
+# ------------------------------------------------------------------ clusters
+
+
+@contextlib.asynccontextmanager
+async def open_cluster(base_dir: str, **kwargs: Any) -> AsyncIterator[LocalCluster]:
+    """``jepsen_like.cluster.open_cluster``, then wait for a leader and every guard
+    to see a quorum; with a work-around for ``proxies=True``.
+
+    ``LocalCluster.start_all`` (jepsen_like/cluster.py) calls ``write_configs()``
+    *before* ``start_links()``, so every ``raft_dial`` entry is written while the
+    proxies still have ``port = 0`` and each core exits with code 2
+    ("core.raft_dial = '127.0.0.1:0': the port '0' must be a number from 1 to
+    65535"). Until that is fixed, proxied clusters are started here in the right
+    order (links, then configs, then cores); everything else is the harness's own.
+    """
+    if not kwargs.get("proxies"):
+        async with _harness.open_cluster(base_dir, **kwargs) as cluster:
+            await _wait_healthy(cluster)
+            yield cluster
+        return
+    async with trio.open_nursery() as nursery:
+        cluster = LocalCluster(base_dir, nursery, **kwargs)
+        try:
+            await cluster.start_links()
+            cluster.write_configs()
+            await start_many(cluster, range(len(cluster.cores)))
+            await _wait_healthy(cluster)
+            yield cluster
+        finally:
+            await cluster.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _wait_healthy(cluster: LocalCluster) -> None:
+    # "ready" means serving, not yet "sees a quorum": a follower's guard reports
+    # safe a few heartbeats later. Tests start from a healthy cluster.
+    await cluster.wait_leader()
+    await wait_all_safe(cluster)
 
 
 # ------------------------------------------------------------------ raw calls
@@ -89,6 +130,13 @@ async def wait_safe(cluster: LocalCluster, index: int, safe: bool, timeout: floa
         return (await core_status(cluster, index))["safe_for_writes"] is safe
 
     await wait_until(probe, timeout=timeout, what=f"core {index} safe_for_writes == {safe}")
+
+
+async def wait_all_safe(cluster: LocalCluster, timeout: float = 10.0) -> None:
+    """Every running core's partition guard sees a quorum (after start-up, a heal)."""
+    for i, core in enumerate(cluster.cores):
+        if core.running:
+            await wait_safe(cluster, i, True, timeout)
 
 
 async def kill_all_at_once(cluster: LocalCluster) -> None:
@@ -229,9 +277,24 @@ class Workload:
         self.acked_event.set()
 
 
-def check_inboxes(workload: Workload, inboxes: dict[str, list[Any]], *, where: str) -> None:
-    """Every acknowledged send present exactly once with its acknowledged mid; no
-    duplicates for any client id; nothing that was never sent."""
+def check_inboxes(
+    workload: Workload,
+    inboxes: dict[str, list[Any]],
+    *,
+    where: str,
+    mid_may_differ_after: float | None = None,
+) -> list[tuple[str, str, str]]:
+    """Every acknowledged send present exactly once under its acknowledged mid; no
+    client id stored twice; nothing that was never sent.
+
+    ``mid_may_differ_after`` (hardened_ap only): a send acknowledged after that
+    time may be stored under another mid. That is the known hardened_ap defect
+    pinned by ``test_hardened_ap_resend_on_another_core_returns_the_original_mid``:
+    a core killed after fsyncing a send to its WAL but before answering replays
+    it on restart under its own mid, while the client's retry on another core
+    was acknowledged with a fresh one. Those cases are returned, not failed;
+    a mismatch for a send acknowledged before the fault still fails.
+    """
     problems: list[str] = []
     seen: Counter[str] = Counter()
     mid_of: dict[str, str] = {}
@@ -247,14 +310,21 @@ def check_inboxes(workload: Workload, inboxes: dict[str, list[Any]], *, where: s
     dups = {c: n for c, n in seen.items() if n > 1}
     if dups:
         retried = {c: n for c, n in dups.items() if c in workload.retried}
-        problems.append(f"{len(dups)} client ids stored more than once (retried: {len(retried)}): "
-                        f"{sorted(dups.items())[:10]}")
+        problems.append(
+            f"{len(dups)} client ids stored more than once (retried: {len(retried)}): "
+            f"{sorted(dups.items())[:10]}"
+        )
     lost = sorted(c for c in workload.acks if seen[c] == 0)
     if lost:
         problems.append(f"{len(lost)} acknowledged sends lost: {lost[:10]}")
-    wrong_mid = sorted(
-        (c, a.mid, mid_of[c]) for c, a in workload.acks.items() if c in mid_of and mid_of[c] != a.mid
-    )
+    tolerated: list[tuple[str, str, str]] = []
+    wrong_mid: list[tuple[str, str, str]] = []
+    for c, a in sorted(workload.acks.items()):
+        if c in mid_of and mid_of[c] != a.mid:
+            if mid_may_differ_after is not None and a.at > mid_may_differ_after:
+                tolerated.append((c, a.mid, mid_of[c]))
+            else:
+                wrong_mid.append((c, a.mid, mid_of[c]))
     if wrong_mid:
         problems.append(
             f"{len(wrong_mid)} acknowledged sends stored under another mid (id, acked, stored): "
@@ -263,6 +333,7 @@ def check_inboxes(workload: Workload, inboxes: dict[str, list[Any]], *, where: s
     if workload.conflicting_acks:
         problems.append(f"one client id acknowledged with two mids: {workload.conflicting_acks[:10]}")
     assert not problems, f"{where}: " + "; ".join(problems)
+    return tolerated
 
 
 async def fetch_all(cluster: LocalCluster, index: int, users: Sequence[str]) -> dict[str, list[Any]]:
@@ -293,12 +364,38 @@ async def converged_inboxes(
         views = [await fetch_all(cluster, i, users) for i in idx]
         if all(v == views[0] for v in views[1:]):
             return views[0] or {u: [] for u in users}
+        last_difference[:] = [describe_difference(idx, views)]
         return None
 
-    result: dict[str, list[Any]] = await wait_until(
-        probe, timeout=timeout, what=f"cores {idx} to agree on inboxes {list(users)}", interval=0.2
-    )
+    last_difference: list[str] = []
+
+    try:
+        result: dict[str, list[Any]] = await wait_until(
+            probe, timeout=timeout, what=f"cores {idx} to agree on inboxes {list(users)}", interval=0.2
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last difference: {last_difference}") from None
     return result
+
+
+def describe_difference(indexes: Sequence[int], views: Sequence[dict[str, list[Any]]]) -> str:
+    """Which messages each core has that the first listed core lacks, and vice versa."""
+    out: list[str] = []
+    base = views[0]
+    for i, view in zip(indexes[1:], views[1:], strict=True):
+        for user in base:
+            a = {m.mid: bytes(m.body).decode(errors="replace") for m in base[user]}
+            b = {m.mid: bytes(m.body).decode(errors="replace") for m in view[user]}
+            if a != b:
+                only_a = sorted(set(a.items()) - set(b.items()))[:5]
+                only_b = sorted(set(b.items()) - set(a.items()))[:5]
+                out.append(
+                    f"{user}: core {indexes[0]} has {len(a)} msgs, core {i} has {len(b)}; "
+                    f"only on {indexes[0]}: {only_a}; only on {i}: {only_b}"
+                )
+            elif [m.mid for m in base[user]] != [m.mid for m in view[user]]:
+                out.append(f"{user}: same messages in a different order on core {i}")
+    return "; ".join(out)
 
 
 async def wait_identical_state(
@@ -351,7 +448,7 @@ class _Diverged(IrisError):
 async def running_workload(cluster: LocalCluster, workload: Workload, timeout: float = 2.0) -> Any:
     """Run ``workload`` in the background for the body of the ``async with``; stop it on exit."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(workload.run, cluster, timeout)
+        nursery.start_soon(partial(workload.run, cluster, timeout=timeout))
         try:
             yield workload
         finally:

@@ -70,22 +70,25 @@ def test_self_is_counted_even_if_absent_from_members_and_last_heard() -> None:
     assert transition.reachable == ("a", "b")
 
 
-def test_single_member_cluster_is_safe_at_the_first_evaluation() -> None:
-    guard = PartitionGuard("a", ["a"], hysteresis=100.0)
-    transition = guard.evaluate({}, 0.0)
-    assert transition == Transition(GuardState.SAFE, ("a",), ("a",), first=True)
+@pytest.mark.parametrize("members", [[], ["a"]])
+def test_single_member_cluster_is_safe_at_once(members: list[str]) -> None:
+    # Regression: a lone node used to start blocked until its first evaluation.
+    guard = PartitionGuard("a", members, hysteresis=100.0)
     assert guard.safe
+    assert guard.evaluate({}, 0.0) is None
     assert guard.evaluate({"x": -1e9}, 1e9) is None
     assert guard.safe
+    assert guard.transitions == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_guard.PartitionGuard.__init__ starts BLOCKED even when alone, "
-    "contrary to the module docstring",
-)
-def test_single_member_cluster_starts_safe() -> None:
-    assert PartitionGuard("a", []).safe
+def test_growing_from_a_single_member_blocks_then_heals_after_hysteresis() -> None:
+    guard = PartitionGuard("a", [], hysteresis=2.0)
+    guard.set_members(THREE)
+    transition = guard.evaluate({}, 0.0)
+    assert transition == Transition(GuardState.BLOCKED, ("a",), THREE, first=False)
+    assert guard.evaluate(heard(1.0, "b"), 1.0) is None
+    transition = guard.evaluate(heard(3.0, "b"), 3.0)
+    assert transition is not None and transition.first is False
 
 
 # ---------------------------------------------------------------- detection
@@ -224,15 +227,23 @@ def histories(draw: st.DrawFn) -> tuple[int, int, int, list[tuple[int, dict[str,
     size = draw(st.sampled_from([1, 2, 3, 4, 5, 7]))
     detect_after = draw(st.integers(1, 5))
     hysteresis = draw(st.integers(0, 6))
+    raw = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 3),
+                st.dictionaries(
+                    st.sampled_from((*NODES[1:], "x", "y")), st.integers(0, 2 * detect_after)
+                ),
+            ),
+            min_size=1,
+            max_size=30,
+        )
+    )
     steps = []
     now = 0
-    for _ in range(draw(st.integers(1, 40))):
-        now += draw(st.integers(0, 3))
-        last_heard = {
-            node: now - draw(st.integers(0, 2 * detect_after))
-            for node in draw(st.sets(st.sampled_from((*NODES[1:], "x", "y"))))
-        }
-        steps.append((now, last_heard))
+    for advance, ages in raw:
+        now += advance
+        steps.append((now, {node: now - age for node, age in ages.items()}))
     return size, detect_after, hysteresis, steps
 
 
@@ -245,7 +256,8 @@ def test_guard_follows_its_specification(
     members = NODES[:size]
     guard = PartitionGuard("a", members, detect_after=detect_after, hysteresis=hysteresis)
     run_start: int | None = None  # first evaluation of the current run of quorum
-    ever_safe = False
+    assert guard.safe == (size == 1)
+    ever_safe = guard.safe
     for now, last_heard in steps:
         was_safe = guard.safe
         transition = guard.evaluate(last_heard, now)

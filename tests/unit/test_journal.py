@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import logging
 import os
 import pickle
 import shutil
 import socket
+import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import pysyncobj.syncobj
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import FileJournal, MemoryJournal
@@ -27,6 +30,23 @@ from iris_raft._journal import ChecksummedJournal, install_journal, verify_dump
 from iris_raft._records import HEADER_SIZE
 
 Entry = tuple[bytes, int, int]
+P = ParamSpec("P")
+
+
+def _without_fsync(test: Callable[P, None]) -> Callable[P, None]:
+    """For property tests, which simulate crashes by editing files: syncs only cost time there.
+
+    Durability itself (what is synced, and when) has its own tests below.
+    """
+
+    @functools.wraps(test)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "fsync", lambda fd: None)
+            patch.setattr(os, "fdatasync", lambda fd: None)
+            test(*args, **kwargs)
+
+    return wrapper
 
 
 def _record_size(command: bytes) -> int:
@@ -46,12 +66,19 @@ def _entries(commands: list[bytes], first_idx: int = 1, term: int = 1) -> list[E
 
 # ------------------------------------------------------------------ model test
 
+_add = st.tuples(
+    st.just("add"), st.lists(st.binary(max_size=12), min_size=1, max_size=3), st.integers(1, 50)
+)
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.binary(max_size=12), st.integers(1, 50)),
+        _add,
+        _add,
+        _add,
         st.tuples(st.just("from"), st.floats(0, 1), st.none()),
         st.tuples(st.just("to"), st.floats(0, 1), st.none()),
         st.tuples(st.just("clear"), st.none(), st.none()),
+        # PySyncObj loading a snapshot: clear() and add() its last two entries.
+        st.tuples(st.just("snapshot"), st.floats(0, 1), st.booleans()),
         st.tuples(st.just("term"), st.integers(0, 3), st.sampled_from([None, "a:1", "b:2"])),
         st.tuples(st.just("commit"), st.floats(0, 1), st.none()),
         st.tuples(st.just("tick"), st.none(), st.none()),
@@ -79,13 +106,18 @@ def _check_reads(journal: ChecksummedJournal, model: list[Entry]) -> None:
 
 
 @given(operations, st.sampled_from([1, 3, 1000]))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
+@_without_fsync
 def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entries: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "journal")
         dump = os.path.join(tmp, "dump")
         Path(dump).write_bytes(b"snapshot")
         model: list[Entry] = []
+        # After clear(): the log still on disk (None otherwise). The journal then
+        # reads as `model` (empty, or one entry added since) and decides at the
+        # second add, or at the next other change, what becomes of the old log.
+        on_disk: list[Entry] | None = None
         term, vote, commit, persisted_commit = 0, None, 1, 1
 
         def open_journal() -> ChecksummedJournal:
@@ -94,29 +126,69 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
         def clamp(value: int) -> int:
             return max(1, min(value, model[-1][1] if model else 1))
 
+        def lower_commit() -> None:  # lowered and written at once
+            nonlocal commit, persisted_commit
+            if commit != clamp(commit):
+                commit = persisted_commit = clamp(commit)
+
+        def settle() -> None:  # the staged log (empty or one entry) becomes the log
+            nonlocal on_disk
+            if on_disk is not None:
+                on_disk = None
+                lower_commit()
+
+        def clear() -> None:
+            nonlocal on_disk
+            journal.clear()
+            settle()
+            on_disk = list(model)
+            model.clear()
+
+        def add(entry: Entry) -> None:
+            nonlocal on_disk
+            journal.add(*entry)
+            model.append(entry)
+            if on_disk is not None and len(model) == 2:
+                # Raft §7: an old entry with the index and term of the snapshot's last
+                # entry keeps the old entries after it.
+                _, idx, entry_term = entry
+                match = [i for i, e in enumerate(on_disk) if e[1:] == (idx, entry_term)]
+                kept = on_disk[match[0] + 1 :] if match else []
+                model.extend(kept)
+                event("snapshot pair: " + ("kept entries" if kept else "no entries kept"))
+                on_disk = None
+                lower_commit()
+
         journal = open_journal()
         try:
             for op, a, b in ops:
                 if op == "add":
-                    idx = model[-1][1] + 1 if model else b
-                    entry_term = max([term] + [e[2] for e in model[-1:]])
-                    journal.add(a, idx, entry_term)
-                    model.append((a, idx, entry_term))
+                    for command in a:
+                        idx = model[-1][1] + 1 if model else b
+                        add((command, idx, max([term] + [e[2] for e in model[-1:]])))
+                elif op == "snapshot":
+                    if len(model) >= 2:
+                        position = int(a * (len(model) - 2))
+                        entry0, (cmd, idx, entry_term) = model[position : position + 2]
+                        entry1 = (cmd, idx, entry_term if b else entry_term + 1)
+                    else:
+                        entry0, entry1 = (b"s0", 7, term), (b"s1", 8, term)
+                    clear()
+                    add(entry0)
+                    add(entry1)
                 elif op == "from":
                     position = int(a * len(model))
                     journal.deleteEntriesFrom(position)
+                    settle()
                     del model[position:]
-                    if commit != clamp(commit):  # lowered and written at once
-                        commit = persisted_commit = clamp(commit)
+                    lower_commit()
                 elif op == "to":
                     position = int(a * len(model))
                     journal.deleteEntriesTo(position)
+                    settle()
                     del model[:position]
                 elif op == "clear":
-                    journal.clear()
-                    model.clear()
-                    if commit != clamp(commit):
-                        commit = persisted_commit = clamp(commit)
+                    clear()
                 elif op == "term":
                     term, vote = max(term, a), b
                     journal.setCurrentTerm(term, vote)
@@ -130,9 +202,13 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
                 else:
                     if op == "reopen":
                         journal._destroy()
+                        if on_disk is not None and not model:
+                            settle()  # a bare clear() empties the journal on close
                         persisted_commit = commit
                     else:  # crash: nothing more is written
                         journal._close_fd()
+                    if on_disk is not None:  # the old log is still on disk
+                        model[:], on_disk = on_disk, None
                     journal = open_journal()
                     commit = persisted_commit = clamp(persisted_commit)
                 assert journal.getRaftCommitIndex() == commit
@@ -141,8 +217,22 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
                 _check_reads(journal, model)
         finally:
             journal._destroy()
+        if on_disk is not None and model:
+            model[:] = on_disk
         assert os.path.getsize(path) == sum(_record_size(c) for c, _, _ in model)
         assert not os.path.exists(path + ".compact")
+
+
+@pytest.mark.parametrize("cache_entries", [0, 2, 3, 10])
+def test_truncating_entries_that_are_cached(tmp_path: Path, cache_entries: int) -> None:
+    entries = _entries([b"a", b"b", b"c", b"d", b"e"])
+    journal = _fill(str(tmp_path / "j"), entries, cache_entries=cache_entries)
+    journal.deleteEntriesFrom(3)
+    assert journal[:] == entries[:3]
+    journal.add(b"x", 4, 2)
+    assert journal[:] == [*entries[:3], (b"x", 4, 2)]
+    assert journal[-1] == (b"x", 4, 2)
+    journal.close()
 
 
 def test_add_rejects_a_gap_in_indexes(tmp_path: Path) -> None:
@@ -158,6 +248,7 @@ def test_add_rejects_a_gap_in_indexes(tmp_path: Path) -> None:
 
 @given(st.lists(st.binary(max_size=16), min_size=1, max_size=4), st.integers(1, 100))
 @settings(max_examples=15, deadline=None)
+@_without_fsync
 def test_truncation_at_every_offset(commands: list[bytes], first_idx: int) -> None:
     entries = _entries(commands, first_idx)
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,6 +280,7 @@ def test_truncation_at_every_offset(commands: list[bytes], first_idx: int) -> No
     st.data(),
 )
 @settings(max_examples=150, deadline=None)
+@_without_fsync
 def test_bit_flip_never_yields_a_different_entry(
     commands: list[bytes], torn: bool, allow_nuke: bool, data: st.DataObject
 ) -> None:
@@ -367,6 +459,386 @@ def test_leftover_compact_file_is_ignored(tmp_path: Path) -> None:
     assert journal[:] == _entries([b"a"])
     assert not os.path.exists(path + ".compact")
     journal.close()
+
+
+# ------------------------------------------------------------------ loading a snapshot
+#
+# PySyncObj's __loadDumpFile (start-up, or a follower installing the leader's
+# snapshot) does clear(); add(entry0); add(entry1) with the snapshot's last two
+# entries. The journal keeps the old entries after an old entry with entry1's
+# index and term (Raft §7), and never leaves a log without them on disk.
+
+
+def _log(count: int = 10) -> list[Entry]:
+    """Entries 1..count; term 1 up to index 4, term 2 after."""
+    return [(f"cmd{i}".encode(), i, 1 if i <= 4 else 2) for i in range(1, count + 1)]
+
+
+def _snapshot_setup(tmp_path: Path, **kw: Any) -> tuple[str, str, ChecksummedJournal]:
+    path, dump = str(tmp_path / "journal"), str(tmp_path / "dump")
+    Path(dump).write_bytes(b"snapshot")
+    journal = _fill(path, _log(), dump_path=dump, **kw)
+    journal.setRaftCommitIndex(9)
+    journal.onOneSecondTimer()
+    return path, dump, journal
+
+
+def _reopened(path: str) -> tuple[list[Entry], int]:
+    journal = ChecksummedJournal(path, dump_path=None)
+    try:
+        return journal[:], journal.getRaftCommitIndex()
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("cache_entries", [0, 1, 3, 1000])
+def test_snapshot_pair_matching_an_entry_keeps_the_entries_after_it(
+    tmp_path: Path, cache_entries: int
+) -> None:
+    path, _, journal = _snapshot_setup(tmp_path, cache_entries=cache_entries)
+    old = _log()
+    journal.clear()
+    assert len(journal) == 0
+    assert journal[:] == []
+    journal.add(*old[4])
+    assert journal[:] == [old[4]]
+    assert journal[-1] == old[4]
+    journal.add(*old[5])
+    assert journal[:] == old[4:]  # entries 5..10
+    _check_reads(journal, old[4:])
+    assert journal.getRaftCommitIndex() == 9
+    journal.add(b"cmd11", 11, 2)
+    assert journal[-2:] == [old[9], (b"cmd11", 11, 2)]
+    journal.close()
+    assert _reopened(path) == ([*old[4:], (b"cmd11", 11, 2)], 9)
+    assert not os.path.exists(path + ".compact")
+
+
+@pytest.mark.parametrize(
+    ("entry0", "entry1"),
+    [
+        ((b"x5", 5, 2), (b"x6", 6, 3)),  # entry 6 has another term
+        ((b"x3", 3, 1), (b"x4", 4, 2)),  # entry 4 has another term
+        ((b"s11", 11, 2), (b"s12", 12, 2)),  # past the end of the log
+        ((b"s0", 0, 0), (b"s1", 1, 0)),
+    ],
+)
+def test_snapshot_pair_matching_nothing_leaves_only_the_pair(
+    tmp_path: Path, entry0: Entry, entry1: Entry
+) -> None:
+    path, _, journal = _snapshot_setup(tmp_path)
+    journal.clear()
+    journal.add(*entry0)
+    journal.add(*entry1)
+    assert journal[:] == [entry0, entry1]
+    commit = min(9, max(1, entry1[1]))  # lowered to the end of the log, and written
+    assert journal.getRaftCommitIndex() == commit
+    assert _reopened(path) == ([entry0, entry1], commit)
+    journal.close()
+
+
+def test_snapshot_pair_before_the_start_of_the_log_matches_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    journal = _fill(path, _log()[5:])  # entries 6..10
+    journal.clear()
+    journal.add(*_log()[2])
+    journal.add(*_log()[3])
+    assert journal[:] == _log()[2:4]
+    journal.close()
+    assert _reopened(path)[0] == _log()[2:4]
+
+
+def test_snapshot_pair_matching_the_first_or_the_last_entry(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    journal = _fill(path, _log()[5:])  # entries 6..10
+    journal.clear()
+    journal.add(*_log()[4])  # entry 5 is not in this log; entry 6 is
+    journal.add(*_log()[5])
+    assert journal[:] == _log()[4:]
+    journal.clear()
+    journal.add(*_log()[8])
+    journal.add(*_log()[9])
+    assert journal[:] == _log()[8:]
+    journal.close()
+    assert _reopened(path)[0] == _log()[8:]
+
+
+def test_other_calls_after_clear_behave_as_an_immediate_clear(tmp_path: Path) -> None:
+    path, _, journal = _snapshot_setup(tmp_path)
+    # A plain add of index 1 (a new term): nothing matches, as before.
+    journal.clear()
+    journal.add(b"x", 1, 5)
+    journal.add(b"y", 2, 5)
+    assert journal[:] == [(b"x", 1, 5), (b"y", 2, 5)]
+    assert journal.getRaftCommitIndex() == 2
+    journal.add(b"z", 3, 5)
+    journal.close()
+    assert _reopened(path) == ([(b"x", 1, 5), (b"y", 2, 5), (b"z", 3, 5)], 2)
+
+    # clear() and close: empty.
+    journal = ChecksummedJournal(path, dump_path=None)
+    journal.clear()
+    journal.close()
+    assert _reopened(path) == ([], 1)
+
+    # One add, then another change: the staged entry is the log.
+    changes: list[tuple[Callable[[ChecksummedJournal], None], list[Entry]]] = [
+        (lambda j: j.deleteEntriesFrom(1), [_log()[1]]),
+        (lambda j: j.deleteEntriesTo(0), [_log()[1]]),
+        (lambda j: j.deleteEntriesFrom(0), []),
+        (lambda j: j.clear(), []),
+    ]
+    for change, expected in changes:
+        journal = _fill(path, _log()[:3])
+        journal.clear()
+        journal.add(*_log()[1])
+        journal.setCurrentTerm(3, "a:1")  # the meta alone decides nothing
+        journal.onOneSecondTimer()
+        assert journal[:] == [_log()[1]]
+        change(journal)
+        assert journal[:] == expected
+        journal.close()
+        assert _reopened(path)[0] == expected
+        os.unlink(path)
+
+    # A gap after the first add is refused, as before; the pair can still follow.
+    journal = _fill(path, _log())
+    journal.clear()
+    journal.add(*_log()[4])
+    with pytest.raises(ValueError):
+        journal.add(*_log()[6])
+    assert journal[:] == [_log()[4]]
+    journal.add(*_log()[5])
+    assert journal[:] == _log()[4:]
+    # An entry that cannot be stored is refused at once, as an append would be.
+    journal.clear()
+    with pytest.raises(struct.error):
+        journal.add(b"bad", -1, 1)
+    assert journal[:] == []
+    journal.add(*_log()[4])
+    journal.add(*_log()[5])
+    assert journal[:] == _log()[4:]
+    journal.close()
+
+
+def test_close_between_the_two_adds_keeps_the_old_log(tmp_path: Path) -> None:
+    path, _, journal = _snapshot_setup(tmp_path)
+    journal.clear()
+    journal.add(*_log()[4])
+    journal.close()  # as a crash would: the pair is incomplete
+    assert _reopened(path) == (_log(), 9)
+
+
+def test_failed_snapshot_pair_keeps_the_old_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _, journal = _snapshot_setup(tmp_path)
+    journal.clear()
+    journal.add(*_log()[4])
+    real = os.fsync
+
+    def broken(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".compact"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError):
+        journal.add(*_log()[5])
+    monkeypatch.undo()
+    assert journal[:] == [_log()[4]]
+    assert _reopened(path) == (_log(), 9)
+    journal.add(*_log()[5])  # a retry completes the pair
+    assert journal[:] == _log()[4:]
+    journal.close()
+    assert _reopened(path) == (_log()[4:], 9)
+
+
+def test_snapshot_pair_fsyncs_the_snapshot_before_replacing_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, dump, journal = _snapshot_setup(tmp_path)
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        calls.append(f"replace {src}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    journal.clear()
+    journal.add(*_log()[4])
+    assert calls == []  # nothing is written before the pair is complete
+    journal.add(*_log()[5])
+    assert calls == [
+        f"fsync {dump}",
+        f"fsync {tmp_path}",
+        f"fsync {path}.compact",
+        f"replace {path}.compact",
+        f"fsync {tmp_path}",
+    ]
+    journal.close()
+
+
+@given(
+    st.integers(1, 8),
+    st.integers(1, 30),
+    st.lists(st.integers(0, 1), min_size=8, max_size=8),
+    st.integers(-2, 9),
+    st.booleans(),
+    st.sampled_from([0, 2, 1000]),
+)
+@settings(max_examples=60, deadline=None)
+@_without_fsync
+def test_snapshot_pair_property(
+    count: int,
+    first_idx: int,
+    term_steps: list[int],
+    offset: int,
+    same_term: bool,
+    cache_entries: int,
+) -> None:
+    terms = [1 + sum(term_steps[: i + 1]) for i in range(count)]
+    old = [(f"c{i}".encode(), first_idx + i, terms[i]) for i in range(count)]
+    idx = max(1, first_idx + offset)  # entry1's index: inside the log, or around it
+    position = idx - first_idx
+    term = (terms[position] if 0 <= position < count else 1) + (0 if same_term else 1)
+    entry0, entry1 = (b"snap0", idx - 1, term), (b"snap1", idx, term)
+    keeps = 0 <= position < count and same_term
+    expected = [entry0, entry1, *(old[position + 1 :] if keeps else [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "journal")
+        journal = _fill(path, old, cache_entries=cache_entries)
+        journal.setRaftCommitIndex(old[-1][1])
+        journal.clear()
+        journal.add(*entry0)
+        journal.add(*entry1)
+        _check_reads(journal, expected)
+        assert journal.getRaftCommitIndex() == max(1, min(old[-1][1], expected[-1][1]))
+        journal.add(b"next", expected[-1][1] + 1, term + 1)
+        expected.append((b"next", expected[-1][1] + 1, term + 1))
+        _check_reads(journal, expected)
+        journal.close()
+        assert _reopened(path)[0] == expected
+        assert os.path.getsize(path) == sum(_record_size(c) for c, _, _ in expected)
+
+
+# Crash simulation: the files as they are at a given moment are copied to a fresh
+# directory and opened there, as a restarted node would.
+
+
+def _disk_state(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+def _open_state(state: dict[str, bytes], directory: Path) -> list[Entry]:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    for name, data in state.items():
+        (directory / name).write_bytes(data)
+    journal = ChecksummedJournal(str(directory / "journal"), dump_path=None)
+    try:
+        return journal[:]
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("same_term", [True, False])
+def test_crash_at_each_step_of_a_snapshot_load(tmp_path: Path, same_term: bool) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    old = _log()
+    entry0, entry1 = old[4], old[5] if same_term else (b"other6", 6, 3)
+    new = [entry0, entry1, *(old[6:] if same_term else [])]
+    journal = _fill(str(live / "journal"), old, dump_path=str(live / "dump"))
+    (live / "dump").write_bytes(b"snapshot")
+    after: dict[str, list[Entry]] = {}
+    journal.clear()
+    after["clear"] = _open_state(_disk_state(live), tmp_path / "crashed")
+    journal.add(*entry0)
+    after["add entry0"] = _open_state(_disk_state(live), tmp_path / "crashed")
+    journal.add(*entry1)
+    after["add entry1"] = _open_state(_disk_state(live), tmp_path / "crashed")
+    journal.close()
+    assert after == {"clear": old, "add entry0": old, "add entry1": new}
+    if same_term:
+        assert all(log[-4:] == old[6:] for log in after.values())  # 7..10 never lost
+
+
+@pytest.mark.parametrize(
+    "scenario", ["matching pair", "other pair", "clear and add", "clear and close"]
+)
+def test_crash_at_every_write_of_a_snapshot_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: str
+) -> None:
+    """Every state the files pass through (after each write, sync, rename or truncate)
+    opens as the old or the new log; the old journal file is never written in place."""
+    live = tmp_path / "live"
+    live.mkdir()
+    path = str(live / "journal")
+    old = _log()
+    (live / "dump").write_bytes(b"snapshot")
+    journal = _fill(path, old, dump_path=str(live / "dump"))
+    journal.setRaftCommitIndex(9)
+    journal.onOneSecondTimer()
+    old_bytes = Path(path).read_bytes()
+    old_inode = os.stat(path).st_ino
+    states = [_disk_state(live)]
+
+    def recording(name: str) -> Callable[..., Any]:
+        real = getattr(os, name)
+
+        def call(*args: Any, **kw: Any) -> Any:
+            result = real(*args, **kw)
+            states.append(_disk_state(live))
+            if os.stat(path).st_ino == old_inode:
+                assert Path(path).read_bytes() == old_bytes
+            return result
+
+        return call
+
+    for name in ("open", "write", "pwrite", "fsync", "fdatasync", "replace", "rename"):
+        monkeypatch.setattr(os, name, recording(name))
+    monkeypatch.setattr(os, "ftruncate", lambda *a: pytest.fail("truncated in place"))
+    if scenario == "matching pair":
+        journal.clear()
+        journal.add(*old[4])
+        journal.add(*old[5])
+        new = old[4:]
+    elif scenario == "other pair":
+        journal.clear()
+        journal.add(*old[4])
+        journal.add(b"other6", 6, 3)
+        new = [old[4], (b"other6", 6, 3)]
+    elif scenario == "clear and add":
+        journal.clear()
+        journal.add(b"x", 1, 5)
+        journal.deleteEntriesFrom(1)
+        new = [(b"x", 1, 5)]
+    else:
+        journal.clear()
+        journal._destroy()
+        new = []
+    if scenario != "clear and close":
+        assert journal[:] == new
+    monkeypatch.undo()
+    journal.close()
+    assert len(states) > 5
+    seen = [_open_state(state, tmp_path / "crashed") for state in states]
+    assert all(log in (old, new) for log in seen), seen
+    assert seen[0] == old
+    assert seen[-1] == new
+    # The step from the old log to the new one is the rename, nothing before it.
+    switch = seen.index(new)
+    assert "journal.compact" in states[switch - 1]
+    assert "journal.compact" not in states[switch]
+    assert all(log == old for log in seen[:switch])
+    assert all(log == new for log in seen[switch:])
 
 
 # ------------------------------------------------------------------ meta
@@ -669,3 +1141,66 @@ def test_pysyncobj_restarts_after_log_compaction(tmp_path: Path) -> None:
         assert node.incr(0, sync=True, timeout=5) == 20
     finally:
         _stop(node)
+
+
+class _CrashWindow(ChecksummedJournal):
+    """Keeps a copy of the journal as it is when PySyncObj is about to compact it: the
+    new snapshot is in place, the journal still holds everything before it."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.before_compaction = self.path + ".before-compaction"
+        self.compacted = threading.Event()
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        if not self.compacted.is_set():
+            shutil.copyfile(self.path, self.before_compaction)
+        super().deleteEntriesTo(entryTo)
+        self.compacted.set()
+
+
+def test_pysyncobj_crash_between_snapshot_and_compaction_loses_no_entry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal_path, dump_path = str(tmp_path / "journal"), str(tmp_path / "dump")
+    journal = _CrashWindow(journal_path, dump_path=dump_path)
+    node = _start(journal_path, dump_path, journal)
+    try:
+        for i in range(1, 21):
+            assert node.incr(1, sync=True, timeout=5) == i
+        node.forceLogCompaction()
+        assert journal.compacted.wait(5)
+        assert os.path.exists(dump_path)
+        for i in range(21, 26):  # after the snapshot point
+            assert node.incr(1, sync=True, timeout=5) == i
+    finally:
+        _stop(node)
+
+    # The crash window: the snapshot is in place, the journal was never compacted,
+    # and the entries after the snapshot point were appended to it.
+    compacted = ChecksummedJournal(journal_path, dump_path=None)
+    before = ChecksummedJournal(journal.before_compaction, dump_path=None)
+    snapshot_end = before[-1][1]
+    assert before[0][1] == 1
+    assert compacted[0][1] < snapshot_end < compacted[-1][1]
+    for entry in compacted[:]:
+        if entry[1] > snapshot_end:
+            before.add(*entry)
+    restored = before[:]
+    before.close()
+    compacted.close()
+    os.replace(journal.before_compaction, journal_path)
+
+    caplog.set_level(logging.INFO)
+    node = _start(journal_path, dump_path, ChecksummedJournal(journal_path, dump_path=dump_path))
+    try:
+        assert node.incr(0, sync=True, timeout=5) == 25  # every write survived
+    finally:
+        _stop(node)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("entries after the snapshot's last entry" in m for m in messages), messages
+    assert not any("exceeds journal end" in m for m in messages), messages  # no clamp needed
+    kept = [entry for entry in restored if entry[1] >= snapshot_end - 1]
+    reopened = ChecksummedJournal(journal_path, dump_path=None)
+    assert reopened[: len(kept)] == kept  # the snapshot's two entries and all that followed
+    reopened.close()

@@ -117,6 +117,7 @@ def test_frames_survive_byte_at_a_time() -> None:
     assert buffer.buffered == 0
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(0, len(STREAM)), max_size=20))
 def test_frames_survive_any_chunking(cuts: list[int]) -> None:
     points = [0, *sorted(cuts), len(STREAM)]
@@ -348,7 +349,7 @@ def test_conversation_survives_a_split_at_every_byte_boundary(secret: bytes | No
         assert events == expected, cut
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(st.data())
 def test_conversation_survives_any_chunking(data: st.DataObject) -> None:
     stream, expected = _client_stream(SECRET)
@@ -386,7 +387,7 @@ def _codec_in_each_state() -> list[RpcCodec]:
     ]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(garbage=st.binary(max_size=600), framed=st.booleans())
 def test_garbage_only_ever_raises_protocol_error(garbage: bytes, framed: bool) -> None:
     for codec in _codec_in_each_state():
@@ -397,7 +398,7 @@ def test_garbage_only_ever_raises_protocol_error(garbage: bytes, framed: bool) -
             assert codec.state is CodecState.FAILED
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_any_altered_byte_fails_authentication(data: st.DataObject) -> None:
     client, server = open_pair()
@@ -518,7 +519,7 @@ cbor_values = st.recursive(
 cbor_maps = st.dictionaries(st.text(max_size=8), cbor_values, max_size=6)
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(
     secret=st.sampled_from([SECRET, None]),
     request_id=st.integers(0, 2**63),

@@ -1,0 +1,704 @@
+"""The edge server: WebSocket connections speaking protocol v1, backed by the core.
+
+Theory of operation
+-------------------
+One :class:`EdgeServer` serves many WebSocket connections and holds one event
+stream from the core for all the users connected to it.
+
+Per connection (:meth:`EdgeServer._handle`): the handshake selects
+``iris.v1``; the token comes from the ``Authorization`` header or the first
+frame (within 5 s); the token is checked for revocation in the core (a
+barrier read whenever the core has quorum); a session is registered in the
+core under this edge's lease; ``welcome`` is sent. Then three tasks run:
+
+* the *reader* parses frames (``_protocol``) and answers ``ping``, ``ack``
+  (queued edge-wide, flushed to the core within 50 ms, even if the
+  connection closes right after) and ``auth`` refreshes; ``send`` frames go
+  to a bounded per-connection queue;
+* the *sender* takes sends one at a time, in order, and answers ``sent`` only
+  when the core says the message is durable (so per sender→recipient order
+  is the order of ``sent`` frames); core errors become error frames;
+* the *writer* drains the bounded outgoing queue to the socket. A client that
+  does not read fills it; the connection is then closed with 4008 and its
+  messages stay stored (at-least-once).
+
+Delivery: a connection first *syncs*: it fetches the user's stored inbox and
+delivers it oldest first; live messages arriving meanwhile are buffered and
+delivered after, skipping mids already delivered on this connection. When
+the core stream resubscribes (``Resync``: a core failover), every connection
+syncs again, so nothing falls in the gap; clients drop repeats by ``mid``.
+
+Revocation events close affected connections with 4003 at once; token expiry
+closes with 4002 (after the leeway) unless refreshed. SIGTERM (``drain``):
+stop accepting, let queued sends finish, flush acks, close with 1001.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from iris_raft import (
+    AckEvent,
+    InboxFull,
+    IrisError,
+    KickEvent,
+    MessageEvent,
+    Resync,
+    RevokeEvent,
+    StateFull,
+    StoredMessage,
+    Unavailable,
+    UnknownOutcome,
+    WriteBlocked,
+)
+from iris_raft._config import EdgeConfig
+
+from ._auth import Claims, TokenError, TokenVerifier
+from ._core import CoreAccess, EventStream
+from ._metrics import EdgeMetrics
+from ._protocol import (
+    SUBPROTOCOL,
+    Ack,
+    Auth,
+    CloseCode,
+    CloseRequest,
+    ErrorCode,
+    FrameError,
+    Ping,
+    Send,
+    encode_error,
+    encode_msg,
+    encode_pong,
+    encode_sent,
+    encode_welcome,
+    parse_message,
+)
+
+logger = logging.getLogger("iris_edge.server")
+
+AUTH_TIMEOUT = 5.0
+LEASE_TTL = 30.0
+ACK_FLUSH_INTERVAL = 0.05
+SEND_QUEUE = 256
+RATE_VIOLATIONS_BEFORE_CLOSE = 50
+
+
+class TokenBucket:
+    """Rate limit: ``rate`` tokens per second, at most ``burst`` saved. Time is passed in."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float, n: float = 1.0) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+class _Close(Exception):
+    """Close this connection with ``code`` after sending ``error`` (if any)."""
+
+    def __init__(self, code: int, reason: str, error: ErrorCode | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.error = error
+
+
+@dataclass(eq=False)
+class Connection:
+    """One authenticated client connection."""
+
+    session: str
+    user: str
+    claims: Claims | None
+    ws: WebSocketConnection
+    out_send: trio.MemorySendChannel[tuple[str, bytes]]
+    out_recv: trio.MemoryReceiveChannel[tuple[str, bytes]]
+    sends_send: trio.MemorySendChannel[Send]
+    sends_recv: trio.MemoryReceiveChannel[Send]
+    delivered: set[str] = field(default_factory=set)
+    buffered: list[StoredMessage] = field(default_factory=list)
+    live: bool = False
+    closing: _Close | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    expiry: trio.CancelScope | None = None
+    rate_violations: int = 0
+    sync_generation: int = 0
+
+    @property
+    def jti(self) -> str:
+        return self.claims.jti if self.claims is not None else ""
+
+    @property
+    def iat_ms(self) -> int | None:
+        if self.claims is None or self.claims.iat is None:
+            return None
+        return int(self.claims.iat * 1000)
+
+    def close(self, code: int, reason: str, error: ErrorCode | None = None) -> None:
+        """Ask the connection's tasks to stop and close with ``code`` (first request wins)."""
+        if self.closing is None:
+            self.closing = _Close(code, reason, error)
+        self.scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeSettings:
+    """The edge's settings, from ``[edge]`` plus derived values."""
+
+    config: EdgeConfig
+    edge_id: str
+    max_connections: int
+    jwt_secret: str | None
+
+
+class EdgeServer:
+    """Serves protocol v1 over WebSocket for one edge. Use :func:`serve_edge`."""
+
+    def __init__(self, core: CoreAccess, settings: EdgeSettings, metrics: EdgeMetrics | None = None) -> None:
+        self.core = core
+        self.settings = settings
+        cfg = settings.config
+        self.config = cfg
+        self.edge_id = settings.edge_id
+        self.verifier = (
+            TokenVerifier(settings.jwt_secret, leeway=cfg.jwt_leeway)
+            if cfg.auth_enabled and settings.jwt_secret
+            else None
+        )
+        self.metrics = metrics or EdgeMetrics()
+        self.connections: set[Connection] = set()
+        self.by_user: dict[str, set[Connection]] = {}
+        self.by_session: dict[str, Connection] = {}
+        self.by_jti: dict[str, set[Connection]] = {}
+        self.buckets: dict[str, TokenBucket] = {}
+        self._acks: dict[str, set[str]] = {}
+        self._acks_ready = trio.Event()
+        self._events: EventStream | None = None
+        self._nursery: trio.Nursery | None = None
+        self._draining = False
+        self._inflight_sends = 0
+        self.core_reachable = False
+        self.core_safe = False
+        self.port: int | None = None
+        self._clock: Callable[[], float] = time.monotonic
+
+    # -------------------------------------------------------------- serving
+
+    async def serve(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+        *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._events = self.core.events(())
+            nursery.start_soon(self._event_loop)
+            nursery.start_soon(self._ack_loop)
+            nursery.start_soon(self._lease_loop)
+            nursery.start_soon(self._status_loop)
+            server = await nursery.start(
+                lambda task_status: serve_websocket(
+                    self._handle,
+                    host,
+                    port,
+                    ssl_context,
+                    handler_nursery=nursery,
+                    message_queue_size=16,
+                    max_message_size=self.config.max_frame_bytes,
+                    connect_timeout=10,
+                    disconnect_timeout=5,
+                    task_status=task_status,
+                )
+            )
+            self.port = int(server.port)
+            self._server_scope = trio.CancelScope()
+            task_status.started(self.port)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Graceful shutdown: refuse new connections, finish queued sends, flush acks, close 1001."""
+        self._draining = True
+        with trio.move_on_after(timeout):
+            for conn in list(self.connections):
+                conn.sends_send.close()
+            while self._inflight_sends or any(
+                conn.sends_recv.statistics().current_buffer_used for conn in self.connections
+            ):
+                await trio.sleep(0.01)
+            await self._flush_acks()
+        for conn in list(self.connections):
+            conn.close(CloseCode.GOING_AWAY, "server going away")
+        with trio.move_on_after(2):
+            while self.connections:
+                await trio.sleep(0.01)
+
+    # ------------------------------------------------------------ handshake
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        path = request.path.split("?", 1)[0]
+        if path not in ("/v1", "/v1/", "/"):
+            await request.reject(404, body=b"the Iris endpoint is /v1\n")
+            return
+        offered = list(request.proposed_subprotocols)
+        if offered and SUBPROTOCOL not in offered:
+            await request.reject(400, body=b"subprotocol iris.v1 required\n")
+            return
+        if self._draining:
+            await request.reject(503, body=b"server going away\n")
+            return
+        if len(self.connections) >= self.settings.max_connections:
+            self.metrics.rejected.labels("capacity").inc()
+            await request.reject(503, body=b"edge at capacity\n")
+            return
+        header_token = _bearer(request.headers)
+        ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+        self.metrics.handshakes.inc()
+        try:
+            await self._serve_connection(ws, header_token)
+        except ConnectionClosed:
+            pass
+        except _Close as close:
+            await _close(ws, close)
+
+    async def _authenticate(self, ws: WebSocketConnection, header_token: str | None) -> tuple[str, Claims | None]:
+        token = header_token
+        if token is None:
+            with trio.move_on_after(AUTH_TIMEOUT):
+                data = await ws.get_message()
+                self.metrics.frames_in.labels("auth").inc()
+                frame = parse_message(data, max_frame=self.config.max_frame_bytes)
+                if isinstance(frame, CloseRequest):
+                    raise _Close(frame.code, frame.reason)
+                if isinstance(frame, FrameError):
+                    raise _Close(CloseCode.AUTH_FAILED, "frame before auth", frame.code)
+                if not isinstance(frame, Auth):
+                    raise _Close(CloseCode.AUTH_FAILED, "authenticate first", ErrorCode.NOT_AUTHENTICATED)
+                if self.verifier is None:
+                    if frame.user is None and frame.token is None:
+                        raise _Close(CloseCode.AUTH_FAILED, "auth needs user", ErrorCode.AUTH_FAILED)
+                    if frame.user is not None:
+                        return frame.user, None
+                token = frame.token
+            if token is None:
+                raise _Close(CloseCode.AUTH_FAILED, "no auth frame within 5 s", ErrorCode.NOT_AUTHENTICATED)
+        if self.verifier is None:
+            raise _Close(CloseCode.AUTH_FAILED, "tokens are not enabled here", ErrorCode.AUTH_FAILED)
+        try:
+            claims = self.verifier.verify(token)
+        except TokenError as exc:
+            self.metrics.auth_failures.labels(exc.code.value).inc()
+            raise _Close(CloseCode.AUTH_FAILED, exc.message, exc.code) from None
+        return claims.sub, claims
+
+    async def _serve_connection(self, ws: WebSocketConnection, header_token: str | None) -> None:
+        user, claims = await self._authenticate(ws, header_token)
+        if claims is not None:
+            try:
+                revoked = await self.core.is_revoked(user, claims.jti, _ms(claims.iat))
+            except IrisError:
+                raise _Close(CloseCode.GOING_AWAY, "core unavailable", ErrorCode.UNAVAILABLE) from None
+            if revoked:
+                self.metrics.auth_failures.labels("token_revoked").inc()
+                raise _Close(CloseCode.AUTH_FAILED, "token revoked", ErrorCode.TOKEN_REVOKED)
+        session = os.urandom(12).hex()
+        try:
+            await self.core.open_session(
+                session, user, self.edge_id, claims.jti if claims else "", _ms(claims.iat if claims else None) or 0
+            )
+        except IrisError:
+            raise _Close(CloseCode.GOING_AWAY, "core unavailable", ErrorCode.UNAVAILABLE) from None
+        out_send, out_recv = trio.open_memory_channel[tuple[str, bytes]](self.config.max_queue_per_connection)
+        sends_send, sends_recv = trio.open_memory_channel[Send](SEND_QUEUE)
+        conn = Connection(session, user, claims, ws, out_send, out_recv, sends_send, sends_recv)
+        await self._register(conn)
+        try:
+            await ws.send_message(encode_welcome(user, session, self.edge_id))
+            self.metrics.frames_out.labels("welcome").inc()
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, conn)
+                    nursery.start_soon(self._sender, conn)
+                    nursery.start_soon(self._sync, conn)
+                    if claims is not None:
+                        nursery.start_soon(self._expiry_watch, conn)
+                    await self._reader(conn)
+                    nursery.cancel_scope.cancel()
+        finally:
+            await self._unregister(conn)
+        if conn.closing is not None:
+            await _close(ws, conn.closing)
+
+    async def _register(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.by_session[conn.session] = conn
+        if conn.jti:
+            self.by_jti.setdefault(conn.jti, set()).add(conn)
+        first = conn.user not in self.by_user
+        self.by_user.setdefault(conn.user, set()).add(conn)
+        self.metrics.connections.set(len(self.connections))
+        if first and self._events is not None:
+            await self._events.add_users([conn.user])
+
+    async def _unregister(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.by_session.pop(conn.session, None)
+        if conn.jti:
+            peers = self.by_jti.get(conn.jti)
+            if peers is not None:
+                peers.discard(conn)
+                if not peers:
+                    del self.by_jti[conn.jti]
+        conns = self.by_user.get(conn.user)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.by_user[conn.user]
+                self.buckets.pop(conn.user, None)
+                if self._events is not None:
+                    with contextlib.suppress(IrisError), trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await self._events.remove_users([conn.user])
+        self.metrics.connections.set(len(self.connections))
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_session, conn.session)
+
+    async def _close_session(self, session: str) -> None:
+        with contextlib.suppress(IrisError), trio.move_on_after(30):
+            await self.core.close_session(session)
+
+    # --------------------------------------------------------------- tasks
+
+    async def _reader(self, conn: Connection) -> None:
+        max_frame = self.config.max_frame_bytes
+        while True:
+            try:
+                data = await conn.ws.get_message()
+            except ConnectionClosed:
+                return
+            frame = parse_message(data, max_frame=max_frame)
+            if isinstance(frame, CloseRequest):
+                self.metrics.frames_in.labels("invalid").inc()
+                conn.close(frame.code, frame.reason)
+                return
+            if isinstance(frame, FrameError):
+                self.metrics.frames_in.labels("invalid").inc()
+                self._error(conn, frame.code, frame.id)
+                continue
+            if isinstance(frame, Send):
+                self.metrics.frames_in.labels("send").inc()
+                self._accept_send(conn, frame)
+            elif isinstance(frame, Ack):
+                self.metrics.frames_in.labels("ack").inc()
+                self._queue_ack(conn, frame.mids)
+            elif isinstance(frame, Ping):
+                self.metrics.frames_in.labels("ping").inc()
+                self._enqueue(conn, "pong", encode_pong(frame.data, frame.has_data))
+            elif isinstance(frame, Auth):
+                self.metrics.frames_in.labels("auth").inc()
+                self._refresh(conn, frame)
+            if conn.closing is not None:
+                return
+
+    def _accept_send(self, conn: Connection, frame: Send) -> None:
+        now = self._clock()
+        bucket = self.buckets.get(conn.user)
+        if bucket is None:
+            bucket = self.buckets[conn.user] = TokenBucket(
+                self.config.rate_limit_per_second, self.config.rate_limit_burst, now
+            )
+        if not bucket.take(now):
+            conn.rate_violations += 1
+            self._error(conn, ErrorCode.RATE_LIMITED, frame.id)
+            if conn.rate_violations >= RATE_VIOLATIONS_BEFORE_CLOSE:
+                conn.close(CloseCode.POLICY, "rate limit exceeded repeatedly")
+            return
+        conn.rate_violations = 0
+        try:
+            conn.sends_send.send_nowait(frame)
+        except trio.WouldBlock:
+            self._error(conn, ErrorCode.RATE_LIMITED, frame.id, "too many sends in flight")
+        except trio.ClosedResourceError:
+            self._error(conn, ErrorCode.UNAVAILABLE, frame.id, "server going away")
+
+    async def _sender(self, conn: Connection) -> None:
+        async for frame in conn.sends_recv:
+            self._inflight_sends += 1
+            started = time.perf_counter()
+            try:
+                result = await self.core.send(conn.user, frame.id, frame.to, frame.body)
+            except InboxFull:
+                self._error(conn, ErrorCode.INBOX_FULL, frame.id)
+            except WriteBlocked:
+                self._error(conn, ErrorCode.WRITE_BLOCKED, frame.id)
+            except (Unavailable, UnknownOutcome, StateFull) as exc:
+                self._error(conn, ErrorCode.UNAVAILABLE, frame.id, exc.message)
+            except IrisError as exc:
+                if exc.code == "bad_request":
+                    self._error(conn, ErrorCode.BAD_REQUEST, frame.id, exc.message)
+                else:
+                    logger.warning("send failed: %s", exc)
+                    self._error(conn, ErrorCode.INTERNAL, frame.id)
+            else:
+                self.metrics.send_latency.observe(time.perf_counter() - started)
+                self._enqueue(conn, "sent", encode_sent(frame.id, result.mid, result.ts))
+            finally:
+                self._inflight_sends -= 1
+
+    async def _writer(self, conn: Connection) -> None:
+        async for _kind, data in conn.out_recv:
+            try:
+                await conn.ws.send_message(data)
+            except ConnectionClosed:
+                conn.close(CloseCode.NORMAL, "peer closed")
+                return
+
+    async def _expiry_watch(self, conn: Connection) -> None:
+        while True:
+            assert conn.claims is not None
+            deadline = conn.claims.exp + self.config.jwt_leeway
+            conn.expiry = trio.CancelScope(deadline=trio.current_time() + max(0.0, deadline - time.time()))
+            with conn.expiry:
+                await trio.sleep_forever()
+            if conn.expiry.cancelled_caught and time.time() >= deadline:
+                self.metrics.closes.labels("token_expired").inc()
+                self._error(conn, ErrorCode.TOKEN_EXPIRED, None)
+                conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
+                return
+
+    def _refresh(self, conn: Connection, frame: Auth) -> None:
+        if self.verifier is None or frame.token is None:
+            self._error(conn, ErrorCode.AUTH_FAILED, None, "refresh needs a token")
+            conn.close(CloseCode.AUTH_FAILED, "bad refresh")
+            return
+        try:
+            claims = self.verifier.verify(frame.token)
+        except TokenError as exc:
+            self._error(conn, exc.code, None)
+            conn.close(CloseCode.AUTH_FAILED, "bad refresh")
+            return
+        if claims.sub != conn.user:
+            self._error(conn, ErrorCode.AUTH_FAILED, None, "refresh for another user")
+            conn.close(CloseCode.AUTH_FAILED, "refresh for another user")
+            return
+        if conn.jti:
+            self.by_jti.get(conn.jti, set()).discard(conn)
+        conn.claims = claims
+        self.by_jti.setdefault(claims.jti, set()).add(conn)
+        if conn.expiry is not None:
+            conn.expiry.cancel()  # the watcher recomputes the deadline
+        if self._nursery is not None:
+            self._nursery.start_soon(self._recheck_revoked, conn)
+
+    async def _recheck_revoked(self, conn: Connection) -> None:
+        if conn.claims is None or conn.closing is not None:
+            return
+        with contextlib.suppress(IrisError):
+            if await self.core.is_revoked(conn.user, conn.claims.jti, conn.iat_ms):
+                self._revoke(conn)
+
+    # -------------------------------------------------------------- delivery
+
+    async def _sync(self, conn: Connection) -> None:
+        """Deliver the stored inbox, then the live messages buffered meanwhile."""
+        conn.sync_generation += 1
+        generation = conn.sync_generation
+        conn.live = False
+        backoff = 0.05
+        while True:
+            try:
+                stored = await self.core.fetch_inbox(conn.user)
+                break
+            except IrisError as exc:
+                logger.info("inbox fetch for %s failed (%s); retrying", conn.user, exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        if generation != conn.sync_generation or conn.closing is not None:
+            return
+        for msg in stored:
+            self._deliver(conn, msg)
+        buffered, conn.buffered = conn.buffered, []
+        for msg in buffered:
+            self._deliver(conn, msg)
+        conn.live = True
+
+    def _deliver(self, conn: Connection, msg: StoredMessage) -> None:
+        if msg.mid in conn.delivered:
+            return
+        conn.delivered.add(msg.mid)
+        self.metrics.delivery_latency.observe(max(0.0, time.time() - msg.ts / 1000))
+        self._enqueue(conn, "msg", encode_msg(msg.mid, msg.sender, msg.body, msg.ts))
+
+    def _enqueue(self, conn: Connection, kind: str, data: bytes) -> None:
+        if conn.closing is not None:
+            return
+        try:
+            conn.out_send.send_nowait((kind, data))
+        except trio.WouldBlock:
+            self.metrics.closes.labels("slow_consumer").inc()
+            conn.close(CloseCode.POLICY, "client too slow: outgoing queue full")
+            return
+        except trio.ClosedResourceError:
+            return
+        self.metrics.frames_out.labels(kind).inc()
+
+    def _error(self, conn: Connection, code: ErrorCode, id: str | None, message: str | None = None) -> None:  # noqa: A002
+        self.metrics.errors.labels(code.value).inc()
+        self._enqueue(conn, "error", encode_error(code, id, message))
+
+    def _queue_ack(self, conn: Connection, mids: tuple[str, ...]) -> None:
+        if not mids:
+            return
+        conn.delivered.difference_update(mids)
+        self._acks.setdefault(conn.user, set()).update(mids)
+        self._acks_ready.set()
+
+    async def _flush_acks(self) -> None:
+        pending, self._acks = self._acks, {}
+        if not pending:
+            return
+
+        async def one(user: str, mids: set[str]) -> None:
+            try:
+                await self.core.ack(user, sorted(mids))
+            except IrisError as exc:
+                logger.info("ack for %s failed (%s); will retry", user, exc)
+                self._acks.setdefault(user, set()).update(mids)
+                self._acks_ready.set()
+
+        async with trio.open_nursery() as nursery:
+            for user, mids in pending.items():
+                nursery.start_soon(one, user, mids)
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._acks_ready.wait()
+            self._acks_ready = trio.Event()
+            await self._flush_acks()
+            await trio.sleep(ACK_FLUSH_INTERVAL)
+
+    async def _event_loop(self) -> None:
+        assert self._events is not None
+        async for event in self._events:
+            if isinstance(event, MessageEvent):
+                for conn in list(self.by_user.get(event.user, ())):
+                    if conn.live:
+                        self._deliver(conn, event.message)
+                    else:
+                        conn.buffered.append(event.message)
+            elif isinstance(event, AckEvent):
+                for conn in self.by_user.get(event.user, ()):
+                    conn.delivered.difference_update(event.mids)
+            elif isinstance(event, RevokeEvent):
+                self._apply_revocation(event)
+            elif isinstance(event, KickEvent):
+                conn = self.by_session.get(event.session)
+                if conn is not None:
+                    if event.reason == "token_revoked":
+                        self._revoke(conn)
+                    else:
+                        conn.close(CloseCode.POLICY, f"session closed by the cluster ({event.reason})")
+            elif isinstance(event, Resync):
+                self._on_resync()
+
+    def _on_resync(self) -> None:
+        if self._nursery is None:
+            return
+        logger.info("core event stream (re)subscribed: resyncing %d connections", len(self.connections))
+        for conn in list(self.connections):
+            self._nursery.start_soon(self._resync_connection, conn)
+
+    async def _resync_connection(self, conn: Connection) -> None:
+        await self._recheck_revoked(conn)
+        if conn.closing is None:
+            await self._sync(conn)
+
+    def _apply_revocation(self, event: RevokeEvent) -> None:
+        victims: set[Connection] = set()
+        if event.jti is not None:
+            victims |= self.by_jti.get(event.jti, set())
+        if event.user is not None:
+            for conn in self.by_user.get(event.user, ()):
+                iat = conn.iat_ms
+                if event.before_ms is None or iat is None or iat < event.before_ms:
+                    victims.add(conn)
+        for conn in victims:
+            self._revoke(conn)
+
+    def _revoke(self, conn: Connection) -> None:
+        self.metrics.closes.labels("token_revoked").inc()
+        self._error(conn, ErrorCode.TOKEN_REVOKED, None)
+        conn.close(CloseCode.TOKEN_REVOKED, "token revoked")
+
+    # ----------------------------------------------------------- background
+
+    async def _lease_loop(self) -> None:
+        while True:
+            try:
+                await self.core.renew_lease(self.edge_id, LEASE_TTL)
+                await trio.sleep(LEASE_TTL / 3)
+            except IrisError as exc:
+                logger.warning("lease renewal failed: %s", exc)
+                await trio.sleep(1.0)
+
+    async def _status_loop(self) -> None:
+        while True:
+            try:
+                with trio.fail_after(3):
+                    status = await self.core.status()
+                self.core_reachable = True
+                self.core_safe = bool(status.get("safe_for_writes"))
+            except (IrisError, trio.TooSlowError, OSError):
+                self.core_reachable = False
+                self.core_safe = False
+            self.metrics.core_reachable.set(1 if self.core_reachable else 0)
+            self.metrics.core_safe.set(1 if self.core_safe else 0)
+            self.metrics.queued.set(sum(c.out_recv.statistics().current_buffer_used for c in self.connections))
+            await trio.sleep(1.0)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        body = {
+            "status": "ok" if self.core_reachable else "core_unreachable",
+            "edge": self.edge_id,
+            "connections": len(self.connections),
+            "core_reachable": self.core_reachable,
+            "safe_for_writes": self.core_safe,
+            "draining": self._draining,
+        }
+        return (200 if self.core_reachable and not self._draining else 503, body)
+
+
+def _ms(seconds: int | float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
+
+
+def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            text = value.decode("latin-1").strip()
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+    return None
+
+
+async def _close(ws: WebSocketConnection, close: _Close) -> None:
+    with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        if close.error is not None:
+            await ws.send_message(encode_error(close.error, None, close.reason))
+        await ws.aclose(close.code, close.reason[:120])
