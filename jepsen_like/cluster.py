@@ -34,6 +34,7 @@ import trio
 from .proxy import LinkTable
 
 SECRET = "jepsen-like-cluster-secret-0123456789abcdef"
+JWT_SECRET = "jepsen-like-jwt-secret-0123456789abcdefghijkl"
 
 
 def _port_free(port: int) -> bool:
@@ -96,10 +97,22 @@ class CoreProcess:
     ready: trio.Event = field(default_factory=trio.Event)
     info: dict[str, Any] = field(default_factory=dict)
     paused: bool = False
+    kind: str = "core"
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
+
+
+@dataclass
+class EdgeProcess(CoreProcess):
+    """One edge of a :class:`LocalCluster`; ``node`` is unused, ``rpc`` is its WebSocket address."""
+
+    kind: str = "edge"
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.rpc}/v1"
 
 
 class LocalCluster:
@@ -114,8 +127,10 @@ class LocalCluster:
         mode: str = "cp",
         secret: str | None = SECRET,
         proxies: bool = False,
+        edges: int = 0,
         cluster_options: dict[str, Any] | None = None,
         core_options: dict[str, Any] | None = None,
+        edge_options: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -124,8 +139,23 @@ class LocalCluster:
         self.mode = mode
         self.secret = secret
         self.env = dict(env or {})
-        ports = allocate_ports(2 * nodes, rng)
+        #: Extra environment per core index (e.g. libfaketime for clock skew).
+        self.env_for: dict[int, dict[str, str]] = {}
+        ports = allocate_ports(2 * nodes + edges, rng)
         self.cores: list[CoreProcess] = []
+        self.edges: list[EdgeProcess] = [
+            EdgeProcess(
+                index=j,
+                node="",
+                rpc=f"127.0.0.1:{ports[2 * nodes + j]}",
+                data_dir=os.path.join(base_dir, f"edge-{j}"),
+                config_path=os.path.join(base_dir, f"edge-{j}.toml"),
+                log_path=os.path.join(base_dir, f"edge-{j}.log"),
+            )
+            for j in range(edges)
+        ]
+        self._edge_options = dict(edge_options or {})
+        self.jwt_secret = JWT_SECRET
         raft_nodes = [f"127.0.0.1:{ports[i]}" for i in range(nodes)]
         self.links = LinkTable(raft_nodes) if proxies else None
         self._cluster_options = dict(cluster_options or {})
@@ -172,6 +202,26 @@ class LocalCluster:
                 core.config_path,
                 {"cluster": cluster, "core": core_table, "edge": {"cores": self.rpc_addresses}},
             )
+        for edge in self.edges:
+            host, _, port = edge.rpc.rpartition(":")
+            write_toml(
+                edge.config_path,
+                {
+                    "cluster": {
+                        "secret": self.secret,
+                        "expected_cluster_nodes": self.raft_nodes,
+                        "consistency_mode": self.mode,
+                        **self._cluster_options,
+                    },
+                    "edge": {
+                        "host": host,
+                        "port": int(port),
+                        "cores": self.rpc_addresses,
+                        "jwt_secret": self.jwt_secret,
+                        **self._edge_options,
+                    },
+                },
+            )
 
     async def start_links(self) -> None:
         if self.links is not None:
@@ -179,14 +229,22 @@ class LocalCluster:
 
     async def start(self, index: int, *, timeout: float = 30.0) -> CoreProcess:
         """Start core ``index`` and wait until it prints its ready line."""
-        core = self.cores[index]
+        return await self._start(self.cores[index], timeout)
+
+    async def start_edge(self, index: int, *, timeout: float = 30.0) -> CoreProcess:
+        """Start edge ``index`` and wait until it prints its ready line."""
+        return await self._start(self.edges[index], timeout)
+
+    async def _start(self, core: CoreProcess, timeout: float) -> CoreProcess:
+        index = core.index
         if core.running:
             return core
         core.ready = trio.Event()
         core.paused = False
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        extra = self.env_for.get(index, {}) if core.kind == "core" else {}
+        env = {**os.environ, **self.env, **extra, "PYTHONUNBUFFERED": "1"}
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "iris_raft", "core", "--config", core.config_path],
+            [sys.executable, "-m", "iris_edge", core.kind, "--config", core.config_path],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -198,8 +256,8 @@ class LocalCluster:
             while not core.ready.is_set():
                 if proc.returncode is not None:
                     raise RuntimeError(
-                        f"core {index} exited with {proc.returncode} before it was ready; "
-                        f"see {core.log_path}:\n{self.tail(index)}"
+                        f"{core.kind} {index} exited with {proc.returncode} before it was ready; "
+                        f"see {core.log_path}:\n{_tail(core.log_path)}"
                     )
                 with trio.move_on_after(0.2):
                     await core.ready.wait()
@@ -221,17 +279,14 @@ class LocalCluster:
                 buf += data
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
-                    if line.startswith(b"iris core ready "):
-                        core.info = json.loads(line[len(b"iris core ready ") :])
+                    prefix = f"iris {core.kind} ready ".encode()
+                    if line.startswith(prefix):
+                        core.info = json.loads(line[len(prefix) :])
                         core.ready.set()
         await proc.wait()
 
     def tail(self, index: int, lines: int = 30) -> str:
-        try:
-            with open(self.cores[index].log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
+        return _tail(self.cores[index].log_path, lines)
 
     async def start_all(self) -> None:
         self.write_configs()
@@ -239,6 +294,29 @@ class LocalCluster:
         async with trio.open_nursery() as n:
             for i in range(len(self.cores)):
                 n.start_soon(self.start, i)
+        async with trio.open_nursery() as n:
+            for j in range(len(self.edges)):
+                n.start_soon(self.start_edge, j)
+
+    async def stop_edge(self, index: int, timeout: float = 15.0) -> None:
+        """SIGTERM edge ``index`` (graceful drain), SIGKILL after ``timeout``."""
+        edge = self.edges[index]
+        if edge.process is None or edge.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(edge.process.pid, signal.SIGTERM)
+        with trio.move_on_after(timeout):
+            await edge.process.wait()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(edge.process.pid, signal.SIGKILL)
+        await edge.process.wait()
+
+    def token(self, user: str, *, ttl: float = 3600, jti: str | None = None) -> str:
+        """A valid token for ``user`` on this cluster's edges."""
+        from iris_edge._auth import issue_token
+
+        return issue_token(self.jwt_secret, user, ttl=ttl, jti=jti)
 
     def signal(self, index: int, signum: int) -> None:
         proc = self.cores[index].process
@@ -319,6 +397,14 @@ class LocalCluster:
                 await trio.sleep(0.1)
 
     async def aclose(self) -> None:
+        for edge in self.edges:
+            if edge.running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(edge.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        for edge in self.edges:
+            if edge.process is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await edge.process.wait()
         for core in self.cores:
             if core.running:
                 if core.paused:
@@ -328,6 +414,14 @@ class LocalCluster:
             if core.process is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
                     await core.process.wait()
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
 
 
 @contextlib.asynccontextmanager

@@ -114,9 +114,13 @@ def _failed(message: str) -> TokenError:
 
 def _text_claim(payload: Mapping[str, Any], name: str) -> str:
     value = payload.get(name)
-    if not isinstance(value, str) or not 1 <= len(value.encode()) <= MAX_CLAIM_BYTES:
-        raise _failed(f"claim {name!r} must be text of 1..{MAX_CLAIM_BYTES} bytes")
-    return value
+    if isinstance(value, str):
+        try:  # JSON can carry unpaired surrogates ("\ud800"), which are not UTF-8 text
+            if 1 <= len(value.encode()) <= MAX_CLAIM_BYTES:
+                return value
+        except UnicodeEncodeError:
+            pass
+    raise _failed(f"claim {name!r} must be text of 1..{MAX_CLAIM_BYTES} UTF-8 bytes")
 
 
 def _date_claim(payload: Mapping[str, Any], name: str, *, round_up: bool = False) -> int | None:
@@ -126,8 +130,7 @@ def _date_claim(payload: Mapping[str, Any], name: str, *, round_up: bool = False
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or abs(value) > _MAX_NUMERIC_DATE
+        or not abs(value) <= _MAX_NUMERIC_DATE  # also NaN; before any float() of a huge int
     ):
         raise _failed(f"claim {name!r} must be a number of seconds since the epoch")
     return math.ceil(value) if round_up else math.floor(value)
@@ -200,13 +203,13 @@ class TokenVerifier:
                     "verify_jti": True,
                 },
             )
+            return self._check_claims(payload, time.time() if now is None else now)
         except TokenError:
             raise
         except jwt.PyJWTError as exc:
             raise _failed(f"invalid token: {exc}") from None
         except Exception as exc:  # anything else from a hostile token is still a refusal
             raise _failed(f"invalid token ({type(exc).__name__})") from None
-        return self._check_claims(payload, time.time() if now is None else now)
 
     def _check_claims(self, payload: Mapping[str, Any], now: float) -> Claims:
         sub = _text_claim(payload, "sub")

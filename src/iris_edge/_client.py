@@ -49,6 +49,7 @@ import math
 import random
 import secrets
 import ssl
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -59,9 +60,8 @@ import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
-    HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
 logger = logging.getLogger("iris_edge.client")
@@ -356,6 +356,54 @@ def auth_error_for_close(
 
 # ------------------------------------------------------------------ client
 
+_Stream: TypeAlias = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a ``ws://`` or ``wss://`` URL points."""
+
+    host: str
+    port: int
+    resource: str
+    ssl_context: ssl.SSLContext | None
+
+    @classmethod
+    def from_url(cls, url: str, ssl_context: ssl.SSLContext | None) -> _Target:
+        """Raises ``ValueError`` for a URL that is not ``ws://`` or ``wss://``."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"an Iris URL starts with ws:// or wss://, got {url!r}")
+        if parts.scheme == "ws" and ssl_context is not None:
+            raise ValueError("ssl_context is for wss:// URLs")
+        if parts.scheme == "wss" and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}")
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.hostname, port, resource, ssl_context)
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.ssl_context is not None else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    async def open_stream(self) -> _Stream:
+        if self.ssl_context is None:
+            return await trio.open_tcp_stream(self.host, self.port)
+        return await trio.open_ssl_over_tcp_stream(
+            self.host, self.port, ssl_context=self.ssl_context, https_compatible=True
+        )
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
 
 @dataclass(eq=False)
 class _Link:
@@ -365,6 +413,8 @@ class _Link:
     welcome: Welcome
     opened_at: float
     closed: trio.Event = field(default_factory=trio.Event)
+    #: Cancelled to close the connection (the session then closes it with 1000).
+    reading: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: The last error frame without an id (it explains a close that follows).
     last_error: ServerError | None = None
 
@@ -419,8 +469,8 @@ class IrisClient:
         max_frame_bytes: int,
     ) -> None:
         self.url = url
+        self._target = _Target.from_url(url, ssl_context)
         self._token = token
-        self._ssl = ssl_context
         self.connect_timeout = connect_timeout
         self.send_timeout = send_timeout
         self.max_backoff = max_backoff
@@ -439,6 +489,7 @@ class IrisClient:
         self._reacks: set[str] = set()
         self._reacks_ready = trio.Event()
         self._run_scope = trio.CancelScope()
+        self._stopped = trio.Event()
         self._connections = 0
         self._messages_received = 0
         self._duplicates_dropped = 0
@@ -621,13 +672,12 @@ class IrisClient:
         await self._wait_link()
 
     async def reconnect(self) -> None:
-        """Drop the current connection and wait for the next ``welcome`` (no backoff)."""
+        """Close the current connection (1000) and wait for the next ``welcome`` (no backoff)."""
         target = self._connections + 1
         link = self._link
         self._reconnect_now = True
         if link is not None:
-            with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
-                await link.ws.aclose()
+            link.reading.cancel()
         while self._connections < target:
             self._raise_if_ended()
             await self._changed.wait()
@@ -639,11 +689,9 @@ class IrisClient:
         self._closed = True
         link = self._link
         if link is not None:
-            with (
-                trio.move_on_after(1),
-                contextlib.suppress(ConnectionClosed, trio.BrokenResourceError),
-            ):
-                await link.ws.aclose()
+            link.reading.cancel()
+            with trio.move_on_after(2):
+                await self._stopped.wait()
         self._run_scope.cancel()
         self._inbox_send.close()
         self._notify()
@@ -735,6 +783,7 @@ class IrisClient:
                     await trio.sleep(delay)
             finally:
                 self._link = None
+                self._stopped.set()
                 for waiting in self._attempts.values():
                     for attempt in waiting:
                         attempt.answered.set()
@@ -743,58 +792,79 @@ class IrisClient:
                 self._notify()
 
     async def _connection(self, on_welcome: Callable[[], None]) -> _Ended:
-        """One connection from handshake to close."""
+        """One connection from handshake to close.
+
+        The TCP (or TLS) stream is opened here and always closed here:
+        trio-websocket 0.12 leaves a client's stream open when the server
+        starts the close (it waits for the server's TCP close, then stops
+        reading without closing its socket), which leaked one socket per
+        server-closed connection with ``open_websocket_url``.
+        """
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await self._target.open_stream()
+        except (OSError, trio.TooSlowError) as exc:
+            return _Ended(None, False, 0.0, f"cannot connect: {exc!r}")
+        try:
+            async with trio.open_nursery() as nursery:
+                return await self._session(nursery, stream, on_welcome)
+        except BaseExceptionGroup as group:
+            # Only trio-websocket's reader task raises out of the nursery: a refused handshake.
+            errors, rest = group.split(Exception)
+            if rest is not None or errors is None:
+                raise
+            first = _leaves(errors)[0]
+            if isinstance(first, ConnectionRejected):
+                why = f"handshake refused with HTTP {first.status_code}"
+                if 400 <= first.status_code < 500 and first.status_code not in (408, 429):
+                    refused = ConnectFailed("handshake_refused", f"{self.url}: {why}")
+                    return _Ended(refused, False, 0.0, why)
+                return _Ended(None, False, 0.0, why)
+            return _Ended(None, False, 0.0, f"connection error: {first!r}")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _session(
+        self, nursery: trio.Nursery, stream: _Stream, on_welcome: Callable[[], None]
+    ) -> _Ended:
         ws: WebSocketConnection | None = None
         link: _Link | None = None
         pre_error: ServerError | None = None
         try:
-            async with open_websocket_url(
-                self.url,
-                self._ssl,
-                subprotocols=[SUBPROTOCOL],
-                max_message_size=MAX_INCOMING_FRAME,
-                connect_timeout=self.connect_timeout,
-                disconnect_timeout=1.0,
-            ) as ws:
-                if ws.subprotocol != SUBPROTOCOL:
-                    await ws.aclose(1002, "subprotocol iris.v1 required")
-                    return _Ended(
-                        ConnectFailed(
-                            "protocol_error", f"{self.url} did not select subprotocol {SUBPROTOCOL}"
-                        ),
-                        False,
-                        0.0,
-                        "no subprotocol",
-                    )
-                await ws.send_message(encode_frame({"type": "auth", "token": self._token}))
-                welcome: Welcome | None = None
-                with trio.move_on_after(self.connect_timeout):
-                    while welcome is None:
-                        frame = self._decode(await ws.get_message())
-                        if isinstance(frame, Welcome):
-                            welcome = frame
-                        elif isinstance(frame, ServerError):
-                            pre_error = frame
-                if welcome is None:
-                    return _Ended(None, False, 0.0, "no welcome in time")
-                link = _Link(ws, welcome, trio.current_time())
-                self._link, self._welcome = link, welcome
-                self._connections += 1
-                self._notify()
-                on_welcome()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reack_loop, link)
-                    await self._read(link)
-                    nursery.cancel_scope.cancel()
-        except ConnectionRejected as exc:
-            why = f"handshake refused with HTTP {exc.status_code}"
-            if 400 <= exc.status_code < 500 and exc.status_code not in (408, 429):
-                return _Ended(
-                    ConnectFailed("handshake_refused", f"{self.url}: {why}"), False, 0.0, why
+            with trio.fail_after(self.connect_timeout):
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    self._target.host_header,
+                    self._target.resource,
+                    subprotocols=[SUBPROTOCOL],
+                    max_message_size=MAX_INCOMING_FRAME,
                 )
-            return _Ended(None, False, 0.0, why)
-        except HandshakeError as exc:
-            return _Ended(None, False, 0.0, f"cannot connect: {exc.__cause__ or exc!r}")
+            if ws.subprotocol != SUBPROTOCOL:
+                await ws.aclose(1002, "subprotocol iris.v1 required")
+                wrong = f"{self.url} did not select subprotocol {SUBPROTOCOL}"
+                return _Ended(ConnectFailed("protocol_error", wrong), False, 0.0, "no subprotocol")
+            await ws.send_message(encode_frame({"type": "auth", "token": self._token}))
+            welcome: Welcome | None = None
+            with trio.move_on_after(self.connect_timeout):
+                while welcome is None:
+                    frame = self._decode(await ws.get_message())
+                    if isinstance(frame, Welcome):
+                        welcome = frame
+                    elif isinstance(frame, ServerError):
+                        pre_error = frame
+            if welcome is None:
+                return _Ended(None, False, 0.0, "no welcome in time")
+            link = _Link(ws, welcome, trio.current_time())
+            self._link, self._welcome = link, welcome
+            self._connections += 1
+            self._notify()
+            on_welcome()
+            nursery.start_soon(self._reack_loop, link)
+            with link.reading:
+                await self._read(link)
+        except trio.TooSlowError:
+            return _Ended(None, False, 0.0, "no handshake answer in time")
         except ConnectionClosed:
             pass
         except (OSError, trio.BrokenResourceError) as exc:
@@ -802,6 +872,10 @@ class IrisClient:
         finally:
             if link is not None:
                 self._drop_link(link)
+            if ws is not None:
+                with trio.move_on_after(1):
+                    await ws.aclose()
+            nursery.cancel_scope.cancel()
         lived = trio.current_time() - link.opened_at if link is not None else 0.0
         reason = ws.closed if ws is not None else None
         code = reason.code if reason is not None else 1006

@@ -91,6 +91,9 @@ LEASE_TTL = 30.0
 ACK_FLUSH_INTERVAL = 0.05
 SEND_QUEUE = 256
 RATE_VIOLATIONS_BEFORE_CLOSE = 50
+#: Frames of any kind per connection per second (and burst) before ``rate_limited``.
+FRAME_RATE = 1000.0
+FRAME_BURST = 2000
 
 
 class TokenBucket:
@@ -143,6 +146,7 @@ class Connection:
     expiry: trio.CancelScope | None = None
     rate_violations: int = 0
     sync_generation: int = 0
+    frames: TokenBucket = field(default_factory=lambda: TokenBucket(FRAME_RATE, FRAME_BURST, time.monotonic()))
 
     @property
     def jti(self) -> str:
@@ -344,6 +348,12 @@ class EdgeServer:
         finally:
             await self._unregister(conn)
         if conn.closing is not None:
+            # Frames queued before the close (sent, pong, msg) still go out, briefly.
+            if conn.closing.code != CloseCode.POLICY:
+                with trio.move_on_after(1.0), contextlib.suppress(ConnectionClosed, trio.WouldBlock):
+                    while True:
+                        _kind, data = conn.out_recv.receive_nowait()
+                        await ws.send_message(data)
             await _close(ws, conn.closing)
 
     async def _register(self, conn: Connection) -> None:
@@ -397,9 +407,13 @@ class EdgeServer:
                 self.metrics.frames_in.labels("invalid").inc()
                 conn.close(frame.code, frame.reason)
                 return
+            if not conn.frames.take(self._clock()):
+                # Every frame costs parsing: a flood of pings or junk is limited too.
+                self._rate_violation(conn, None)
+                continue
             if isinstance(frame, FrameError):
                 self.metrics.frames_in.labels("invalid").inc()
-                self._error(conn, frame.code, frame.id)
+                self._error(conn, frame.code, frame.id, frame.message or None)
                 continue
             if isinstance(frame, Send):
                 self.metrics.frames_in.labels("send").inc()
@@ -424,10 +438,7 @@ class EdgeServer:
                 self.config.rate_limit_per_second, self.config.rate_limit_burst, now
             )
         if not bucket.take(now):
-            conn.rate_violations += 1
-            self._error(conn, ErrorCode.RATE_LIMITED, frame.id)
-            if conn.rate_violations >= RATE_VIOLATIONS_BEFORE_CLOSE:
-                conn.close(CloseCode.POLICY, "rate limit exceeded repeatedly")
+            self._rate_violation(conn, frame.id)
             return
         conn.rate_violations = 0
         try:
@@ -436,6 +447,13 @@ class EdgeServer:
             self._error(conn, ErrorCode.RATE_LIMITED, frame.id, "too many sends in flight")
         except trio.ClosedResourceError:
             self._error(conn, ErrorCode.UNAVAILABLE, frame.id, "server going away")
+
+    def _rate_violation(self, conn: Connection, id: str | None) -> None:  # noqa: A002
+        conn.rate_violations += 1
+        self._error(conn, ErrorCode.RATE_LIMITED, id)
+        if conn.rate_violations >= RATE_VIOLATIONS_BEFORE_CLOSE:
+            self.metrics.closes.labels("rate_limited").inc()
+            conn.close(CloseCode.POLICY, "rate limit exceeded repeatedly")
 
     async def _sender(self, conn: Connection) -> None:
         async for frame in conn.sends_recv:
@@ -478,24 +496,20 @@ class EdgeServer:
                 await trio.sleep_forever()
             if conn.expiry.cancelled_caught and time.time() >= deadline:
                 self.metrics.closes.labels("token_expired").inc()
-                self._error(conn, ErrorCode.TOKEN_EXPIRED, None)
-                conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
+                conn.close(CloseCode.TOKEN_EXPIRED, "token expired", ErrorCode.TOKEN_EXPIRED)
                 return
 
     def _refresh(self, conn: Connection, frame: Auth) -> None:
         if self.verifier is None or frame.token is None:
-            self._error(conn, ErrorCode.AUTH_FAILED, None, "refresh needs a token")
-            conn.close(CloseCode.AUTH_FAILED, "bad refresh")
+            conn.close(CloseCode.AUTH_FAILED, "refresh needs a token", ErrorCode.AUTH_FAILED)
             return
         try:
             claims = self.verifier.verify(frame.token)
         except TokenError as exc:
-            self._error(conn, exc.code, None)
-            conn.close(CloseCode.AUTH_FAILED, "bad refresh")
+            conn.close(CloseCode.AUTH_FAILED, "bad refresh token", exc.code)
             return
         if claims.sub != conn.user:
-            self._error(conn, ErrorCode.AUTH_FAILED, None, "refresh for another user")
-            conn.close(CloseCode.AUTH_FAILED, "refresh for another user")
+            conn.close(CloseCode.AUTH_FAILED, "refresh for another user", ErrorCode.AUTH_FAILED)
             return
         if conn.jti:
             self.by_jti.get(conn.jti, set()).discard(conn)
@@ -608,12 +622,12 @@ class EdgeServer:
             elif isinstance(event, RevokeEvent):
                 self._apply_revocation(event)
             elif isinstance(event, KickEvent):
-                conn = self.by_session.get(event.session)
-                if conn is not None:
+                kicked = self.by_session.get(event.session)
+                if kicked is not None:
                     if event.reason == "token_revoked":
-                        self._revoke(conn)
+                        self._revoke(kicked)
                     else:
-                        conn.close(CloseCode.POLICY, f"session closed by the cluster ({event.reason})")
+                        kicked.close(CloseCode.POLICY, f"session closed by the cluster ({event.reason})")
             elif isinstance(event, Resync):
                 self._on_resync()
 
@@ -643,8 +657,7 @@ class EdgeServer:
 
     def _revoke(self, conn: Connection) -> None:
         self.metrics.closes.labels("token_revoked").inc()
-        self._error(conn, ErrorCode.TOKEN_REVOKED, None)
-        conn.close(CloseCode.TOKEN_REVOKED, "token revoked")
+        conn.close(CloseCode.TOKEN_REVOKED, "token revoked", ErrorCode.TOKEN_REVOKED)
 
     # ----------------------------------------------------------- background
 

@@ -99,6 +99,8 @@ class Client:
             await release.wait()
 
     async def _open(self, address: str) -> RpcClientConnection:
+        conn: RpcClientConnection
+        release: trio.Event
         conn, release = await self._nursery.start(self._hold, address)
         await self._drop()
         self._conn, self._release, self._conn_address = conn, release, address

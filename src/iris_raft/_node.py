@@ -106,6 +106,9 @@ _UNLIMITED = 2**62
 _BATCH_BYTES = 4 * 1024 * 1024
 _RAFT_CALL_TIMEOUT = 1.0
 _TICK_INTERVAL = 1.0
+#: Test-only broken build for the fault harness's canary: acknowledge sends
+#: before they are durable. Never set this outside the harness.
+_UNSAFE_ACK = os.environ.get("IRIS_TEST_UNSAFE_ACK") == "1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +388,7 @@ class Node:
         self._memory_warned = False
         self.started_at = time.time()
         self._ready = trio.Event()
+        self._nursery: trio.Nursery
 
     # ------------------------------------------------------------ lifecycle
 
@@ -398,7 +402,10 @@ class Node:
                 pass
 
         self._raft.consumer.on_events = on_events
+        if _UNSAFE_ACK:
+            logger.critical("IRIS_TEST_UNSAFE_ACK is set: sends are acknowledged BEFORE they are durable")
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._batcher.run)
             nursery.start_soon(self._guard_loop)
             nursery.start_soon(self._tick_loop)
@@ -552,6 +559,11 @@ class Node:
             self._track_undrained(first + i, op)
         self._drain_ready.set()
 
+    async def _late_append(self, op: Op) -> None:
+        # The test-only broken path: the write reaches the WAL a second after the ack.
+        await trio.sleep(1.0)
+        await self._wal_append([op])
+
     def _track_undrained(self, lsn: int, op: Op) -> None:
         self._undrained[lsn] = op
         if isinstance(op, Send):
@@ -601,6 +613,10 @@ class Node:
             self._check_inbox_room(recipient, len(body))
             op = Send(op_id, sender, recipient, body, new_mid(now), now)
             self._pending_sends[op_id] = (op.mid, op.ts)
+            if _UNSAFE_ACK:
+                self._admit([op])
+                self._nursery.start_soon(self._late_append, op)
+                return SendResult(op.mid, op.ts, False)
             try:
                 await self._write([op])
             except (WriteBlocked, Unavailable, StateFull, OSError):

@@ -224,7 +224,7 @@ class Batch:
 def op_to_wire(op: Op) -> list[Any]:
     """The op as a CBOR-able list ``[tag, field, ...]``."""
     cls = type(op)
-    fields = [getattr(op, name) for name in op.__slots__]  # type: ignore[union-attr]
+    fields = [getattr(op, name) for name in op.__slots__]
     if cls is Ack:
         fields[2] = list(fields[2])
     return [_TAGS[cls], *fields]

@@ -119,7 +119,7 @@ class _StateConsumer(SyncObjConsumer):  # type: ignore[misc]
         self.restored_from_snapshot = False
         self.snapshot_error: str | None = None
 
-    @replicated  # type: ignore[misc]
+    @replicated  # type: ignore[untyped-decorator]
     def apply_batch(self, payload: bytes) -> list[Result]:
         if not isinstance(payload, bytes):
             logger.error("ignored a replicated call with a %s argument", type(payload).__name__)

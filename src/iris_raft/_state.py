@@ -97,7 +97,9 @@ def same_value(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+        if {(type(k), k) for k in a} != {(type(k), k) for k in b}:
+            return False
+        return all(same_value(a[k], b[k]) for k in a)
     return bool(a == b)
 
 

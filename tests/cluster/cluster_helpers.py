@@ -10,13 +10,13 @@ their deadline passes.
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 import os
 import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,13 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from jepsen_like import cluster as _harness  # noqa: E402
+from jepsen_like.cluster import LocalCluster  # noqa: E402
+
 import iris_raft  # noqa: E402
 from iris_raft import IrisError, Unavailable, UnknownOutcome, WriteBlocked  # noqa: E402
 from iris_raft._rpc import open_rpc_connection  # noqa: E402
 from iris_raft._wire import message_from_wire  # noqa: E402
-from jepsen_like import cluster as _harness  # noqa: E402
-from jepsen_like.cluster import LocalCluster  # noqa: E402
 
 #: Errors after which a writer retries the same client id.
 RETRYABLE = (UnknownOutcome, Unavailable, WriteBlocked)
@@ -266,7 +267,16 @@ class Workload:
                         self.retried.add(client_id)
                         await trio.sleep(0.05)
                         continue
-                    self._record(Ack(sender, client_id, recipient, res.mid, trio.current_time(), res.duplicate))
+                    self._record(
+                        Ack(
+                            sender,
+                            client_id,
+                            recipient,
+                            res.mid,
+                            trio.current_time(),
+                            res.duplicate,
+                        )
+                    )
                     break
 
     def _record(self, ack: Ack) -> None:
@@ -305,7 +315,9 @@ def check_inboxes(
             mid_of[client_id] = m.mid
             if client_id not in workload.attempted:
                 problems.append(f"unexpected message {client_id!r} in {recipient}")
-            elif workload.recipient_of(int(client_id.rsplit("-w", 1)[1].split("-")[0])) != recipient:
+            elif (
+                workload.recipient_of(int(client_id.rsplit("-w", 1)[1].split("-")[0])) != recipient
+            ):
                 problems.append(f"{client_id!r} stored in the wrong inbox {recipient}")
     dups = {c: n for c, n in seen.items() if n > 1}
     if dups:
@@ -331,12 +343,16 @@ def check_inboxes(
             f"{wrong_mid[:10]}"
         )
     if workload.conflicting_acks:
-        problems.append(f"one client id acknowledged with two mids: {workload.conflicting_acks[:10]}")
+        problems.append(
+            f"one client id acknowledged with two mids: {workload.conflicting_acks[:10]}"
+        )
     assert not problems, f"{where}: " + "; ".join(problems)
     return tolerated
 
 
-async def fetch_all(cluster: LocalCluster, index: int, users: Sequence[str]) -> dict[str, list[Any]]:
+async def fetch_all(
+    cluster: LocalCluster, index: int, users: Sequence[str]
+) -> dict[str, list[Any]]:
     """Every inbox in ``users`` as core ``index`` answers (a barrier read in cp, local in AP)."""
     out: dict[str, list[Any]] = {}
     for user in users:
@@ -346,7 +362,11 @@ async def fetch_all(cluster: LocalCluster, index: int, users: Sequence[str]) -> 
 
 
 async def converged_inboxes(
-    cluster: LocalCluster, users: Sequence[str], *, indexes: Sequence[int] | None = None, timeout: float = 20.0
+    cluster: LocalCluster,
+    users: Sequence[str],
+    *,
+    indexes: Sequence[int] | None = None,
+    timeout: float = 20.0,
 ) -> dict[str, list[Any]]:
     """Wait until every listed core has no WAL backlog and answers identical inboxes.
 
@@ -371,7 +391,10 @@ async def converged_inboxes(
 
     try:
         result: dict[str, list[Any]] = await wait_until(
-            probe, timeout=timeout, what=f"cores {idx} to agree on inboxes {list(users)}", interval=0.2
+            probe,
+            timeout=timeout,
+            what=f"cores {idx} to agree on inboxes {list(users)}",
+            interval=0.2,
         )
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last difference: {last_difference}") from None

@@ -12,6 +12,7 @@ Every test here starts ``iris core`` processes on 127.0.0.1 through
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -46,8 +47,6 @@ def no_leaked_processes(tmp_path: Path) -> Iterator[None]:
     yield
     leaked = _processes_mentioning(str(tmp_path))
     for pid, _ in leaked:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert not leaked, f"processes outlived the test: {leaked}"

@@ -21,7 +21,6 @@ import pytest
 import trio
 from cluster_helpers import (
     converged_inboxes,
-    core_call,
     core_status,
     flip_byte,
     open_cluster,
@@ -30,11 +29,11 @@ from cluster_helpers import (
     wait_identical_state,
     wait_until,
 )
+from jepsen_like.cluster import SECRET, LocalCluster, allocate_ports, write_toml
 
 import iris_raft
 from iris_raft import AuthFailed
 from iris_raft._rpc import open_rpc_connection
-from jepsen_like.cluster import SECRET, LocalCluster, allocate_ports, write_toml
 
 pytestmark = pytest.mark.cluster
 
@@ -49,7 +48,12 @@ INBOX = "bad-inbox"
 def _config(tmp_path: Path, cluster: dict[str, Any], core: dict[str, Any]) -> Path:
     *rafts, rpc = (f"127.0.0.1:{p}" for p in allocate_ports(4))
     tables = {
-        "cluster": {"secret": SECRET, "expected_cluster_nodes": rafts, "consistency_mode": "cp", **cluster},
+        "cluster": {
+            "secret": SECRET,
+            "expected_cluster_nodes": rafts,
+            "consistency_mode": "cp",
+            **cluster,
+        },
         "core": {"node": rafts[0], "rpc": rpc, "data_dir": str(tmp_path / "data"), **core},
     }
     for table in tables.values():
@@ -69,7 +73,11 @@ _DROP = object()
         ({"consistency_mode": "bogus"}, {}, "cluster.consistency_mode"),
         ({"secret": _DROP}, {}, "cluster.secret"),
         ({"secret": "too-short"}, {}, "cluster.secret"),
-        ({}, {"election_timeout_min": 0.5, "election_timeout_max": 0.2}, "core.election_timeout_max"),
+        (
+            {},
+            {"election_timeout_min": 0.5, "election_timeout_max": 0.2},
+            "core.election_timeout_max",
+        ),
     ],
     ids=["bogus-mode", "missing-secret", "short-secret", "election-timeouts"],
 )
@@ -102,7 +110,9 @@ async def test_wrong_secret_is_refused_and_good_clients_keep_working(tmp_path: P
             address = cluster.cores[0].rpc
             for wrong in (b"x" * 40, None):
                 with pytest.raises(AuthFailed):
-                    async with open_rpc_connection(address, secret=wrong, connect_timeout=2) as conn:
+                    async with open_rpc_connection(
+                        address, secret=wrong, connect_timeout=2
+                    ) as conn:
                         await conn.call("status", {}, timeout=2)
             # Garbage instead of a handshake: the server drops it and keeps serving.
             with trio.socket.socket() as sock:
@@ -120,7 +130,9 @@ async def test_wrong_secret_is_refused_and_good_clients_keep_working(tmp_path: P
 # ------------------------------------------------------------- corruption
 
 
-async def _acked_sends(cluster: LocalCluster, index: int, prefix: str, count: int) -> dict[str, str]:
+async def _acked_sends(
+    cluster: LocalCluster, index: int, prefix: str, count: int
+) -> dict[str, str]:
     """``count`` sends through core ``index`` only; client id -> acknowledged mid."""
     acked: dict[str, str] = {}
     async with open_rpc_connection(cluster.cores[index].rpc, secret=secret_of(cluster)) as conn:
@@ -144,7 +156,9 @@ def _assert_all_present(inboxes: dict[str, list[Any]], acked: dict[str, str]) ->
     stored = {bytes(m.body).decode(): m.mid for m in inboxes[INBOX]}
     assert len(stored) == len(inboxes[INBOX]), "a client id stored twice"
     missing = {c: mid for c, mid in acked.items() if stored.get(c) != mid}
-    assert not missing, f"acknowledged sends missing or under another mid: {sorted(missing.items())[:10]}"
+    assert not missing, (
+        f"acknowledged sends missing or under another mid: {sorted(missing.items())[:10]}"
+    )
 
 
 async def test_corrupt_journal_stops_the_core_unless_nuke_allowed(tmp_path: Path) -> None:
@@ -198,7 +212,9 @@ async def test_corrupt_wal_segment_stops_the_core_unless_nuke_allowed(tmp_path: 
             acked |= await _acked_sends(cluster, leader, "while-down", 50)
             set_core_option(cluster, victim, "allow_table_nuke", "true")
             await cluster.start(victim)
-            assert list(wal.glob(segment.name + ".corrupt-*")), sorted(p.name for p in wal.iterdir())
+            assert list(wal.glob(segment.name + ".corrupt-*")), sorted(
+                p.name for p in wal.iterdir()
+            )
             inboxes = await converged_inboxes(cluster, [INBOX])
             _assert_all_present(inboxes, acked)
             assert len(inboxes[INBOX]) == len(acked)

@@ -25,10 +25,14 @@ async def test_five_cores_survive_losing_two(tmp_path: Path) -> None:
     with trio.fail_after(90):
         async with open_cluster(str(tmp_path), nodes=5, mode="cp") as cluster:
             leader = await cluster.wait_leader()
-            async with iris_raft.open_client(cluster.rpc_addresses, secret=cluster.secret, timeout=10) as client:
+            async with iris_raft.open_client(
+                cluster.rpc_addresses, secret=cluster.secret, timeout=10
+            ) as client:
                 acked = {}
                 for n in range(20):
-                    acked[f"a-{n}"] = (await client.send("five", f"a-{n}", INBOX, f"a-{n}".encode())).mid
+                    acked[f"a-{n}"] = (
+                        await client.send("five", f"a-{n}", INBOX, f"a-{n}".encode())
+                    ).mid
                 await client.put("k", 1)
 
                 doomed = [leader, (leader + 1) % 5]
@@ -37,11 +41,15 @@ async def test_five_cores_survive_losing_two(tmp_path: Path) -> None:
                 alive = [i for i in range(5) if i not in doomed]
 
                 for n in range(20):
-                    acked[f"b-{n}"] = (await client.send("five", f"b-{n}", INBOX, f"b-{n}".encode())).mid
+                    acked[f"b-{n}"] = (
+                        await client.send("five", f"b-{n}", INBOX, f"b-{n}".encode())
+                    ).mid
                 await client.put("k", 2)
                 assert await client.cas("k", 2, 3) is True
                 for i in alive:
-                    assert await core_call(cluster, i, "get", {"key": "k", "linearizable": True}) == 3
+                    assert (
+                        await core_call(cluster, i, "get", {"key": "k", "linearizable": True}) == 3
+                    )
                     assert await core_call(cluster, i, "get", {"key": "k"}) == 3
                 inboxes = await converged_inboxes(cluster, [INBOX], indexes=alive)
                 stored = {bytes(m.body).decode(): m.mid for m in inboxes[INBOX]}
@@ -58,4 +66,6 @@ async def test_five_cores_survive_losing_two(tmp_path: Path) -> None:
                         timeout=3,
                     )
                 with pytest.raises((Unavailable, UnknownOutcome)):
-                    await core_call(cluster, alive[2], "get", {"key": "k", "linearizable": True}, timeout=3)
+                    await core_call(
+                        cluster, alive[2], "get", {"key": "k", "linearizable": True}, timeout=3
+                    )

@@ -24,8 +24,8 @@ from cluster_helpers import (
     core_call,
     core_status,
     open_cluster,
-    wait_identical_state,
     wait_all_safe,
+    wait_identical_state,
     wait_safe,
     wait_until,
 )
@@ -43,7 +43,9 @@ def _send_params(client_id: str) -> dict[str, Any]:
     return {"sender": "part", "client_id": client_id, "to": INBOX, "body": client_id.encode()}
 
 
-async def _outcome(cluster: Any, index: int, method: str, params: dict[str, Any], timeout: float) -> Any:
+async def _outcome(
+    cluster: Any, index: int, method: str, params: dict[str, Any], timeout: float
+) -> Any:
     """``("ok", result)`` or ``("error", exception)`` of one raw call to core ``index``."""
     try:
         return ("ok", await core_call(cluster, index, method, params, timeout=timeout))
@@ -51,7 +53,9 @@ async def _outcome(cluster: Any, index: int, method: str, params: dict[str, Any]
         return ("error", exc)
 
 
-def _assert_failed(outcome: Any, allowed: tuple[type[BaseException], ...], what: str) -> BaseException:
+def _assert_failed(
+    outcome: Any, allowed: tuple[type[BaseException], ...], what: str
+) -> BaseException:
     kind, value = outcome
     assert kind == "error", f"{what} succeeded on the isolated core: {value!r}"
     assert isinstance(value, allowed), f"{what} failed with {value!r}, expected one of {allowed}"
@@ -80,9 +84,13 @@ async def test_cp_isolated_core_refuses_writes_and_linearizable_reads(
             await wait_all_safe(cluster)
             x = leader if victim == "leader" else (leader + 1) % 3
             majority = [i for i in range(3) if i != x]
-            await core_call(cluster, leader, "put", {"key": "k", "value": "old", "op_id": "put-old"})
+            await core_call(
+                cluster, leader, "put", {"key": "k", "value": "old", "op_id": "put-old"}
+            )
             for i in range(3):
-                assert await core_call(cluster, i, "get", {"key": "k", "linearizable": True}) == "old"
+                assert (
+                    await core_call(cluster, i, "get", {"key": "k", "linearizable": True}) == "old"
+                )
 
             cluster.links.isolate(cluster.cores[x].node)
             isolated_at = trio.current_time()
@@ -105,9 +113,13 @@ async def test_cp_isolated_core_refuses_writes_and_linearizable_reads(
             # The majority elects (or keeps) a leader and commits a new value.
             new_leader = await cluster.wait_leader(exclude=[x], timeout=10)
             assert new_leader in majority
-            await core_call(cluster, new_leader, "put", {"key": "k", "value": "new", "op_id": "put-new"})
+            await core_call(
+                cluster, new_leader, "put", {"key": "k", "value": "new", "op_id": "put-new"}
+            )
             for i in majority:
-                assert await core_call(cluster, i, "get", {"key": "k", "linearizable": True}) == "new"
+                assert (
+                    await core_call(cluster, i, "get", {"key": "k", "linearizable": True}) == "new"
+                )
 
             # The isolated core: writes and linearizable reads fail fast, never stale.
             refused = []
@@ -120,7 +132,9 @@ async def test_cp_isolated_core_refuses_writes_and_linearizable_reads(
                 if isinstance(err, Unavailable):
                     refused.append(f"refused-{n}")
             _assert_failed(
-                await _outcome(cluster, x, "put", {"key": "k", "value": "minority", "op_id": "put-min"}, 2.5),
+                await _outcome(
+                    cluster, x, "put", {"key": "k", "value": "minority", "op_id": "put-min"}, 2.5
+                ),
                 (Unavailable, UnknownOutcome),
                 "a put",
             )
@@ -143,7 +157,9 @@ async def test_cp_isolated_core_refuses_writes_and_linearizable_reads(
 
             async def caught_up() -> bool:
                 try:
-                    value = await core_call(cluster, x, "get", {"key": "k", "linearizable": True}, timeout=2)
+                    value = await core_call(
+                        cluster, x, "get", {"key": "k", "linearizable": True}, timeout=2
+                    )
                 except (Unavailable, UnknownOutcome):
                     return False
                 # After "new" was committed, a successful linearizable read must see it.
@@ -169,13 +185,17 @@ async def test_hardened_ap_isolated_core_blocks_writes_and_serves_stale_reads(
     tmp_path: Path, victim: str
 ) -> None:
     with trio.fail_after(90):
-        async with open_cluster(str(tmp_path), nodes=3, mode="hardened_ap", proxies=True) as cluster:
+        async with open_cluster(
+            str(tmp_path), nodes=3, mode="hardened_ap", proxies=True
+        ) as cluster:
             assert cluster.links is not None
             leader = await cluster.wait_leader()
             await wait_all_safe(cluster)
             x = leader if victim == "leader" else (leader + 1) % 3
             majority = [i for i in range(3) if i != x]
-            await core_call(cluster, leader, "put", {"key": "k", "value": "old", "op_id": "put-old"})
+            await core_call(
+                cluster, leader, "put", {"key": "k", "value": "old", "op_id": "put-old"}
+            )
             await _wait_all_local(cluster, [0, 1, 2], "k", "old")
 
             cluster.links.isolate(cluster.cores[x].node)
@@ -185,7 +205,9 @@ async def test_hardened_ap_isolated_core_blocks_writes_and_serves_stale_reads(
             early = await _outcome(cluster, x, "send", _send_params("early"), timeout=2.5)
             if early[0] == "error":
                 assert isinstance(early[1], WriteBlocked | UnknownOutcome), early
-            await wait_safe(cluster, x, False, max(0.1, DETECT_WITHIN - (trio.current_time() - isolated_at)))
+            await wait_safe(
+                cluster, x, False, max(0.1, DETECT_WITHIN - (trio.current_time() - isolated_at))
+            )
 
             blocked = _assert_failed(
                 await _outcome(cluster, x, "send", _send_params("blocked"), timeout=2.5),
@@ -194,14 +216,18 @@ async def test_hardened_ap_isolated_core_blocks_writes_and_serves_stale_reads(
             )
             assert blocked.code == "write_blocked"
             _assert_failed(
-                await _outcome(cluster, x, "put", {"key": "k", "value": "minority", "op_id": "put-min"}, 2.5),
+                await _outcome(
+                    cluster, x, "put", {"key": "k", "value": "minority", "op_id": "put-min"}, 2.5
+                ),
                 (WriteBlocked,),
                 "a put",
             )
 
             # The majority keeps accepting writes (acknowledged from its WALs, drained
             # once it has a leader).
-            await core_call(cluster, majority[0], "put", {"key": "k", "value": "new", "op_id": "put-new"})
+            await core_call(
+                cluster, majority[0], "put", {"key": "k", "value": "new", "op_id": "put-new"}
+            )
             majority_sends = []
             for n, i in enumerate(majority * 3):
                 result = await core_call(cluster, i, "send", _send_params(f"majority-{n}"))

@@ -95,8 +95,10 @@ def test_issued_tokens_have_random_jti_and_extra_claims(verifier: TokenVerifier)
 
 
 def test_issue_token_with_real_clock() -> None:
-    token = issue_token(SECRET.encode(), "carol", ttl=0.5)
-    assert TokenVerifier(SECRET, leeway=0).verify(token).sub == "carol"
+    token = issue_token(SECRET.encode(), "carol", ttl=60)
+    got = TokenVerifier(SECRET, leeway=0).verify(token)
+    assert got.sub == "carol"
+    assert got.iat is not None and got.exp == got.iat + 60
 
 
 def test_text_and_bytes_secrets_are_the_same() -> None:
@@ -172,8 +174,8 @@ def test_other_hmac_algorithms_are_refused(verifier: TokenVerifier, alg: str, di
     token = craft({"alg": alg, "typ": "JWT"}, claims(), digest=digest)
     with warnings.catch_warnings():  # our 39-byte test secret is short for HS384/HS512
         warnings.simplefilter("ignore", InsecureKeyLengthWarning)
-        options = {"verify_exp": False}
-        assert jwt.decode(token, SECRET, algorithms=[alg], options=options)["sub"] == "alice"
+        decoded = jwt.decode(token, SECRET, algorithms=[alg], options={"verify_exp": False})
+        assert decoded["sub"] == "alice"
     refused(verifier, token)
 
 
@@ -245,6 +247,13 @@ def test_text_claims(verifier: TokenVerifier, name: str, value: Any) -> None:
     refused(verifier, craft(HS256, claims(**{name: value})))
 
 
+@pytest.mark.parametrize("name", ["sub", "jti"])
+def test_unpaired_surrogates_are_refused(verifier: TokenVerifier, name: str) -> None:
+    body = json.dumps(claims(**{name: "X"})).replace('"X"', '"a\\ud800"')
+    assert "\\ud800" in body
+    assert "UTF-8" in refused(verifier, craft(HS256, body))
+
+
 def test_text_claim_limits_are_inclusive(verifier: TokenVerifier) -> None:
     got = verifier.verify(craft(HS256, claims(sub="é" * 128, jti="j" * 256)), now=NOW)
     assert (got.sub, got.jti) == ("é" * 128, "j" * 256)
@@ -256,7 +265,7 @@ def test_time_claims_must_be_numbers(verifier: TokenVerifier, name: str, value: 
     refused(verifier, craft(HS256, claims(**{name: value})))
 
 
-@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400, "1e400"])
 def test_non_finite_times_are_refused(verifier: TokenVerifier, literal: str) -> None:
     # Python's json accepts these literals, so a hand-made payload can carry them.
     body = json.dumps(claims(exp="X")).replace('"X"', literal)

@@ -452,7 +452,12 @@ def test_cbor2_failures_never_escape(monkeypatch: pytest.MonkeyPatch) -> None:
         raise MemoryError("simulated")
 
     monkeypatch.setattr(cbor2, "loads", broken)
-    assert closes(parse_message(frame(type="ping")), CloseCode.INVALID_PAYLOAD)
+    long_head_key = b"\x78\x04type"  # a text key the codec hands to cbor2
+    assert closes(parse_message(raw_map(long_head_key, enc("ping"))), CloseCode.INVALID_PAYLOAD)
+    # Data that cbor2 cannot decode is echoed as it came, not lost.
+    data = enc([1, 2])
+    result = parse_message(raw_map(enc("type"), enc("ping"), enc("data"), data))
+    assert result == Ping(data=RawCBOR(data), has_data=True)
 
 
 def test_the_body_is_never_decoded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,490 @@
+"""Workloads: concurrent clients that drive a cluster and record a history.
+
+Theory of operation
+-------------------
+Each workload runs numbered *processes* (Jepsen's logical clients). A process
+invokes one operation at a time and records ``invoke`` then ``ok``, ``fail``
+(definitely not applied) or ``info`` (unknown outcome). A process that got
+``info`` is retired and a fresh process number takes its place, so the
+checkers may assume each process is sequential.
+
+* :class:`RegisterWorkload`: read / write / compare-and-set on a few keys
+  through the library's RPC, each process bound to one core (followers and
+  partitioned cores included). Reads are linearizable reads (a barrier)
+  unless ``local_reads`` (the canary: local state without the barrier, which
+  must be caught as not linearizable).
+* :class:`MessageWorkload`: unique messages to many recipients through the
+  edges (WebSocket, protocol v1), receivers that ack what they get, and a
+  final drain of every recipient.
+* :class:`RevocationWorkload`: clients authenticate with fresh tokens while a
+  revoker revokes some of them; afterwards each revoked token is tried again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from iris_raft import IrisError, UnknownOutcome
+from iris_raft._rpc import RpcClientConnection, open_rpc_connection
+
+from . import checkers
+from .cluster import LocalCluster
+from .history import History
+
+logger = logging.getLogger("jepsen_like.workloads")
+
+OP_TIMEOUT = 3.0
+
+
+@dataclass
+class Counters:
+    """Progress counters shown while a run goes on."""
+
+    ok: int = 0
+    fail: int = 0
+    info: int = 0
+
+    def count(self, kind: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+
+
+@dataclass
+class Workload:
+    """Base: ``run`` drives the cluster until ``until``; ``final`` reads the end state."""
+
+    name: str = "workload"
+    counters: Counters = field(default_factory=Counters)
+    needs_edges: int = 0
+    _pids: itertools.count[int] = field(default_factory=lambda: itertools.count())
+
+    def new_process(self) -> int:
+        return next(self._pids)
+
+    async def run(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+        raise NotImplementedError
+
+    async def final(self, cluster: LocalCluster, history: History) -> dict[str, Any]:
+        return {}
+
+    def check(self, history: History, final: dict[str, Any], mode: str) -> list[checkers.CheckResult]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- registers
+
+
+class _CoreConn:
+    """A reconnecting RPC connection to one core, owned by one task."""
+
+    def __init__(self, cluster: LocalCluster, index: int) -> None:
+        self.cluster = cluster
+        self.index = index
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.conn: RpcClientConnection | None = None
+
+    async def get(self) -> RpcClientConnection:
+        if self.conn is not None and not self.conn.closed:
+            return self.conn
+        await self.close()
+        core = self.cluster.cores[self.index]
+        stack = contextlib.AsyncExitStack()
+        secret = self.cluster.secret.encode() if self.cluster.secret else None
+        try:
+            self.conn = await stack.enter_async_context(
+                open_rpc_connection(core.rpc, secret=secret, connect_timeout=1.0)
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self.conn
+
+    async def close(self) -> None:
+        stack, self._stack, self.conn = self._stack, None, None
+        if stack is not None:
+            with contextlib.suppress(Exception):
+                await stack.aclose()
+
+
+@dataclass
+class RegisterWorkload(Workload):
+    """CAS registers through the library API; linearizable reads unless ``local_reads``."""
+
+    name: str = "register"
+    keys: int = 3
+    processes: int = 9
+    local_reads: bool = False
+
+    async def run(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+        async with trio.open_nursery() as nursery:
+            for slot in range(self.processes):
+                nursery.start_soon(self._client, cluster, history, random.Random(rng.random()), slot, until)
+
+    async def _client(
+        self, cluster: LocalCluster, history: History, rng: random.Random, slot: int, until: float
+    ) -> None:
+        key = f"r{slot % self.keys}"
+        # Each slot is bound to one core, as a Jepsen client is bound to a node.
+        core = _CoreConn(cluster, slot % len(cluster.cores))
+        process = self.new_process()
+        try:
+            while trio.current_time() < until:
+                roll = rng.random()
+                if roll < 0.5:
+                    f, value, params, method = "read", None, {"key": key, "linearizable": not self.local_reads}, "get"
+                    if self.local_reads:
+                        params["linearizable"] = False
+                elif roll < 0.75:
+                    value = rng.randrange(5)
+                    f, params, method = "write", {"key": key, "value": value}, "put"
+                else:
+                    value = [rng.randrange(5), rng.randrange(5)]
+                    f, params, method = "cas", {"key": key, "expected": value[0], "new": value[1]}, "cas"
+                if f != "read":
+                    params["op_id"] = f"p{process}-{rng.getrandbits(48):x}"
+                op = history.invoke(process, f, key, value, node=cluster.cores[core.index].node)
+                try:
+                    with trio.fail_after(OP_TIMEOUT):
+                        conn = await core.get()
+                        result = await conn.call(method, params, timeout=OP_TIMEOUT)
+                except (UnknownOutcome, trio.TooSlowError, OSError) as exc:
+                    await core.close()
+                    if f == "read":
+                        history.complete(op, "fail", error=type(exc).__name__)
+                        self.counters.count("fail")
+                    else:
+                        history.complete(op, "info", error=type(exc).__name__)
+                        self.counters.count("info")
+                        process = self.new_process()
+                    await trio.sleep(0.05)
+                    continue
+                except IrisError as exc:
+                    history.complete(op, "fail", error=exc.code)
+                    self.counters.count("fail")
+                    await trio.sleep(0.02)
+                    continue
+                if f == "read":
+                    history.complete(op, "ok", result)
+                elif f == "write":
+                    history.complete(op, "ok", value)
+                else:
+                    history.complete(op, "ok", value, swapped=bool(result))
+                self.counters.count("ok")
+        finally:
+            with trio.CancelScope(shield=True):
+                await core.close()
+
+    def check(self, history: History, final: dict[str, Any], mode: str) -> list[checkers.CheckResult]:
+        return [checkers.check_linearizable(history), checkers.availability(history)]
+
+
+# ------------------------------------------------------------------ messages
+
+
+class _Edge:
+    """A raw protocol-v1 connection (no retries: the workload records outcomes)."""
+
+    def __init__(self, ws: Any, user: str) -> None:
+        self.ws = ws
+        self.user = user
+
+    async def send_frame(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_message(cbor2.dumps(frame))
+
+    async def receive(self) -> dict[str, Any]:
+        data = await self.ws.get_message()
+        frame = cbor2.loads(data)
+        if not isinstance(frame, dict):
+            raise ValueError("not a frame")
+        return frame
+
+
+@contextlib.asynccontextmanager
+async def _open_edge(url: str, token: str, user: str):  # type: ignore[no-untyped-def]
+    async with open_websocket_url(
+        url, subprotocols=["iris.v1"], extra_headers=[("Authorization", f"Bearer {token}")], connect_timeout=3
+    ) as ws:
+        edge = _Edge(ws, user)
+        with trio.fail_after(5):
+            welcome = await edge.receive()
+        if welcome.get("type") != "welcome":
+            raise ConnectionError(f"not welcomed: {welcome}")
+        yield edge
+
+
+@dataclass
+class MessageWorkload(Workload):
+    """Unique messages to many recipients through the edges, acked by receivers, then drained."""
+
+    name: str = "messages"
+    senders: int = 6
+    recipients: int = 6
+    needs_edges: int = 2
+    pace: float = 0.01
+
+    async def run(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+        self._stop_receivers = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for r in range(self.recipients):
+                nursery.start_soon(self._receiver, cluster, history, random.Random(rng.random()), f"rcpt{r}", until)
+            async with trio.open_nursery() as senders:
+                for s in range(self.senders):
+                    senders.start_soon(self._sender, cluster, history, random.Random(rng.random()), s, until)
+            nursery.cancel_scope.cancel()
+
+    async def _sender(
+        self, cluster: LocalCluster, history: History, rng: random.Random, slot: int, until: float
+    ) -> None:
+        user = f"sender{slot}"
+        seq = 0
+        process = self.new_process()
+        while trio.current_time() < until:
+            edge_i = rng.randrange(len(cluster.edges))
+            try:
+                async with _open_edge(cluster.edges[edge_i].url, cluster.token(user), user) as edge:
+                    while trio.current_time() < until:
+                        seq += 1
+                        msg_id = f"{user}-{seq}"
+                        to = f"rcpt{rng.randrange(self.recipients)}"
+                        body = {"from": user, "seq": seq}
+                        op = history.invoke(process, "send", to, {"id": msg_id, "from": user, "to": to, "body": body},
+                                            edge=edge_i)
+                        try:
+                            await edge.send_frame({"type": "send", "id": msg_id, "to": to, "body": body})
+                            kind, extra = await self._await_sent(edge, msg_id)
+                        except (_Unknown, ConnectionClosed) as exc:
+                            history.complete(op, "info", op.value, error=str(exc) or type(exc).__name__)
+                            self.counters.count("info")
+                            process = self.new_process()
+                            break
+                        history.complete(op, kind, op.value, **extra)
+                        self.counters.count(kind)
+                        if kind == "info":
+                            process = self.new_process()
+                        if kind != "ok":
+                            await trio.sleep(0.05)
+                        await trio.sleep(self.pace)
+            except (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError, ConnectionError, ValueError):
+                await trio.sleep(0.1)
+
+    async def _await_sent(self, edge: _Edge, msg_id: str) -> tuple[str, dict[str, Any]]:
+        try:
+            with trio.fail_after(OP_TIMEOUT):
+                while True:
+                    frame = await edge.receive()
+                    if frame.get("id") != msg_id:
+                        continue
+                    if frame.get("type") == "sent":
+                        return "ok", {"mid": frame["mid"], "ts": frame["ts"]}
+                    if frame.get("type") == "error":
+                        code = frame.get("code")
+                        # `unavailable` means the core did not answer in time: unknown outcome.
+                        if code == "unavailable":
+                            return "info", {"error": code}
+                        return "fail", {"error": code}
+        except (trio.TooSlowError, ConnectionClosed) as exc:
+            raise _Unknown(type(exc).__name__) from None
+
+    async def _receiver(
+        self, cluster: LocalCluster, history: History, rng: random.Random, user: str, until: float
+    ) -> None:
+        while True:
+            edge_i = rng.randrange(len(cluster.edges))
+            try:
+                async with _open_edge(cluster.edges[edge_i].url, cluster.token(user), user) as edge:
+                    while True:
+                        frame = await edge.receive()
+                        if frame.get("type") == "msg":
+                            body = frame.get("body") or {}
+                            history.record("deliver", user, {
+                                "mid": frame["mid"], "from": frame.get("from"), "body": body,
+                                "id": f"{body.get('from')}-{body.get('seq')}" if isinstance(body, dict) else None,
+                            })
+                            await edge.send_frame({"type": "ack", "mids": [frame["mid"]]})
+            except (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError, ConnectionError, ValueError):
+                await trio.sleep(0.1)
+
+    async def final(self, cluster: LocalCluster, history: History) -> dict[str, Any]:
+        """Drain every recipient: read until 2 s pass with nothing new."""
+        drained = 0
+
+        async def drain(user: str) -> None:
+            nonlocal drained
+            for attempt in range(20):
+                try:
+                    async with _open_edge(cluster.edges[attempt % len(cluster.edges)].url, cluster.token(user), user) as edge:
+                        while True:
+                            with trio.move_on_after(2.0) as idle:
+                                frame = await edge.receive()
+                            if idle.cancelled_caught:
+                                return
+                            if frame.get("type") == "msg":
+                                body = frame.get("body") or {}
+                                history.record("deliver", user, {
+                                    "mid": frame["mid"], "from": frame.get("from"), "body": body, "final": True,
+                                    "id": f"{body.get('from')}-{body.get('seq')}" if isinstance(body, dict) else None,
+                                })
+                                drained += 1
+                                await edge.send_frame({"type": "ack", "mids": [frame["mid"]]})
+                except (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError, ConnectionError, ValueError):
+                    await trio.sleep(0.5)
+
+        async with trio.open_nursery() as nursery:
+            for r in range(self.recipients):
+                nursery.start_soon(drain, f"rcpt{r}")
+        return {"drained": drained, "convergence": await replica_fingerprints(cluster)}
+
+    def check(self, history: History, final: dict[str, Any], mode: str) -> list[checkers.CheckResult]:
+        results = [checkers.check_messages(history, mode=mode), checkers.availability(history)]
+        if final.get("convergence"):
+            results.append(checkers.check_convergence(final["convergence"]))
+        return results
+
+
+class _Unknown(Exception):
+    pass
+
+
+async def replica_fingerprints(cluster: LocalCluster, timeout: float = 30.0) -> dict[str, Any]:
+    """Each core's replicated counters once WAL backlogs are drained and indexes agree."""
+    last: dict[str, Any] = {}
+    with trio.move_on_after(timeout):
+        while True:
+            statuses = await cluster.statuses()
+            if all(s is not None for s in statuses):
+                last = {
+                    s["node"]: {
+                        k: s["state"][k]
+                        for k in ("messages", "inboxes", "revoked_tokens", "revoked_users", "registers", "dedup_entries")
+                    }
+                    for s in statuses
+                    if s is not None
+                }
+                backlog = sum(s["wal_backlog"] for s in statuses if s is not None)
+                applied = {s["raft"].get("last_applied") for s in statuses if s is not None}
+                if backlog == 0 and len({repr(v) for v in last.values()}) == 1 and len(applied) == 1:
+                    return last
+            await trio.sleep(0.5)
+    return last
+
+
+# --------------------------------------------------------------- revocation
+
+
+@dataclass
+class RevocationWorkload(Workload):
+    """Authenticate with fresh tokens while some are revoked; revoked tokens must stay out."""
+
+    name: str = "revocation"
+    processes: int = 4
+    needs_edges: int = 2
+
+    async def run(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+        self._issued: list[tuple[str, str]] = []
+        self._revoked: list[tuple[str, str]] = []
+        async with trio.open_nursery() as nursery:
+            for slot in range(self.processes):
+                nursery.start_soon(self._authenticator, cluster, history, random.Random(rng.random()), slot, until)
+            nursery.start_soon(self._revoker, cluster, history, random.Random(rng.random()), until)
+
+    async def _auth(self, cluster: LocalCluster, history: History, process: int, user: str, jti: str, edge_i: int) -> str:
+        op = history.invoke(process, "auth", user, {"jti": jti}, edge=edge_i)
+        try:
+            with trio.fail_after(OP_TIMEOUT):
+                async with _open_edge(cluster.edges[edge_i].url, cluster.token(user, jti=jti), user):
+                    pass
+        except ConnectionClosed as exc:
+            code = exc.reason.code if exc.reason is not None else None
+            kind = "fail" if code == 4001 else "info"
+            history.complete(op, kind, op.value, close=code)
+            return kind
+        except (HandshakeError, OSError, trio.TooSlowError, ConnectionError, ValueError) as exc:
+            history.complete(op, "info", op.value, error=type(exc).__name__)
+            return "info"
+        history.complete(op, "ok", op.value)
+        return "ok"
+
+    async def _authenticator(
+        self, cluster: LocalCluster, history: History, rng: random.Random, slot: int, until: float
+    ) -> None:
+        process = self.new_process()
+        n = 0
+        while trio.current_time() < until:
+            n += 1
+            user = f"user{slot}"
+            if self._revoked and rng.random() < 0.3:
+                user, jti = rng.choice(self._revoked)
+            else:
+                jti = f"t{slot}-{n}"
+                self._issued.append((user, jti))
+            kind = await self._auth(cluster, history, process, user, jti, rng.randrange(len(cluster.edges)))
+            self.counters.count(kind)
+            if kind == "info":
+                process = self.new_process()
+            await trio.sleep(0.02)
+
+    async def _revoker(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+        process = self.new_process()
+        core = _CoreConn(cluster, 0)
+        try:
+            while trio.current_time() < until:
+                await trio.sleep(0.2)
+                if not self._issued:
+                    continue
+                user, jti = rng.choice(self._issued)
+                core.index = rng.randrange(len(cluster.cores))
+                await core.close()
+                op = history.invoke(process, "revoke", user, {"jti": jti})
+                try:
+                    with trio.fail_after(OP_TIMEOUT):
+                        conn = await core.get()
+                        await conn.call(
+                            "revoke_token",
+                            {"jti": jti, "exp_ms": 2**41, "op_id": f"rv-{jti}"},
+                            timeout=OP_TIMEOUT,
+                        )
+                except IrisError as exc:
+                    kind = "info" if isinstance(exc, UnknownOutcome) else "fail"
+                    history.complete(op, kind, op.value, error=exc.code)
+                except (trio.TooSlowError, OSError) as exc:
+                    history.complete(op, "info", op.value, error=type(exc).__name__)
+                    kind = "info"
+                else:
+                    history.complete(op, "ok", op.value)
+                    self._revoked.append((user, jti))
+                    kind = "ok"
+                self.counters.count(kind)
+                if kind == "info":
+                    process = self.new_process()
+        finally:
+            with trio.CancelScope(shield=True):
+                await core.close()
+
+    async def final(self, cluster: LocalCluster, history: History) -> dict[str, Any]:
+        """Every revoked token is tried once more on every edge: none may get in."""
+        process = self.new_process()
+        for user, jti in list(self._revoked):
+            for edge_i in range(len(cluster.edges)):
+                await self._auth(cluster, history, process, user, jti, edge_i)
+        return {"revoked": len(self._revoked)}
+
+    def check(self, history: History, final: dict[str, Any], mode: str) -> list[checkers.CheckResult]:
+        return [checkers.check_revocations(history), checkers.availability(history)]
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "register": RegisterWorkload,
+    "register-local-reads": lambda: RegisterWorkload(name="register-local-reads", local_reads=True),
+    "messages": MessageWorkload,
+    "revocation": RevocationWorkload,
+}
