@@ -19,8 +19,10 @@ after a reconnect, after ``unavailable``/``rate_limited``/``write_blocked``
 server deduplicates by id, so a retry never stores twice. Only ``sent``
 promises durability. When ``send_timeout`` passes first, :class:`SendTimeout`
 says whether the message *may* have been stored (an attempt reached the
-wire): an unknown outcome, not a failure; send again with the same id to
-find out. Other error codes are definite: :class:`IrisClientError`.
+wire and was not refused outright): an unknown outcome, not a failure; send
+again with the same id to find out. Other error codes are definite:
+:class:`IrisClientError`. Once started, the client retries everything but
+the auth closes, even a refused handshake (a proxy in the middle of a deploy).
 
 Delivery is at least once: the server redelivers unacked messages on every
 new connection. The client remembers the last :data:`DEDUP_MEMORY` mids it
@@ -490,6 +492,7 @@ class IrisClient:
         self._reacks_ready = trio.Event()
         self._run_scope = trio.CancelScope()
         self._stopped = trio.Event()
+        self._wake = trio.Event()
         self._connections = 0
         self._messages_received = 0
         self._duplicates_dropped = 0
@@ -551,7 +554,8 @@ class IrisClient:
                 f"the send frame is {len(data)} bytes; the limit is {self.max_frame_bytes}",
             )
         backoff = Backoff(INITIAL_BACKOFF, self.max_backoff)
-        may_be_stored = False
+        in_doubt = False  # an earlier attempt may have been stored
+        outstanding = False  # the attempt under way when the deadline struck
         last_error: str | None = None
         first = True
         with trio.move_on_after(self.send_timeout):
@@ -562,31 +566,37 @@ class IrisClient:
                 first = False
                 attempt = _Attempt(send_id, link, len(data))
                 self._attempts.setdefault(send_id, set()).add(attempt)
+                outstanding = True
                 try:
-                    may_be_stored = True
                     try:
                         await link.ws.send_message(data)
                     except ConnectionClosed:
+                        in_doubt = True  # part of the frame may have left
                         await link.closed.wait()
                         continue
                     with trio.move_on_after(ATTEMPT_TIMEOUT):
                         await attempt.answered.wait()
                 finally:
                     self._forget_attempt(attempt)
+                outstanding = False
                 answer = attempt.answer
                 if isinstance(answer, Sent):
                     return answer
                 if answer is None:
                     if self._fatal is not None:
                         raise self._fatal
+                    in_doubt = True
                     continue  # connection lost or no answer in time: same id again
                 if answer.code in RETRYABLE_CODES:
+                    # unavailable: the core did not answer the edge in time (maybe stored);
+                    # rate_limited, write_blocked: refused before anything was stored.
+                    in_doubt = in_doubt or answer.code == "unavailable"
                     last_error = answer.code
                     await trio.sleep(backoff.next())
                     continue
                 raise IrisClientError(answer.code, answer.message or "")
         self._raise_if_ended()
-        raise SendTimeout(send_id, may_be_stored=may_be_stored, last_error=last_error)
+        raise SendTimeout(send_id, may_be_stored=in_doubt or outstanding, last_error=last_error)
 
     def messages(self) -> AsyncIterator[Message]:
         """Messages for this user, each mid once, in the order they arrived.
@@ -676,6 +686,7 @@ class IrisClient:
         target = self._connections + 1
         link = self._link
         self._reconnect_now = True
+        self._wake.set()
         if link is not None:
             link.reading.cancel()
         while self._connections < target:
@@ -735,12 +746,13 @@ class IrisClient:
                     encode_frame({"type": "ack", "mids": ordered[i : i + ACK_CHUNK]})
                 )
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and reconnect until closed or a token is refused.
 
         Before ``task_status.started()`` (the first ``welcome``) it raises
         :class:`AuthError` or :class:`ConnectFailed`; after, it never raises:
-        a fatal error is kept and raised from the client's operations.
+        an :class:`AuthError` is kept and raised from the client's operations,
+        and anything else (even a refused handshake) is retried.
         """
         backoff = Backoff(INITIAL_BACKOFF, self.max_backoff)
         first_deadline = trio.current_time() + self.connect_timeout
@@ -756,9 +768,9 @@ class IrisClient:
             try:
                 while True:
                     ended = await self._connection(on_welcome)
-                    if ended.fatal is not None:
-                        if not started:
-                            raise ended.fatal
+                    if ended.fatal is not None and not started:
+                        raise ended.fatal
+                    if isinstance(ended.fatal, AuthError):
                         self._fatal = ended.fatal
                         logger.warning("iris client stopped: %s", ended.fatal)
                         return
@@ -771,16 +783,17 @@ class IrisClient:
                         )
                     if ended.welcomed and ended.lived >= STABLE_CONNECTION:
                         backoff.reset()
-                    if self._reconnect_now:
-                        self._reconnect_now = False
-                        continue
-                    delay = backoff.next()
-                    if not started:
-                        delay = min(delay, max(0.0, first_deadline - trio.current_time()))
-                    logger.info(
-                        "iris connection ended (%s); reconnecting in %.2f s", ended.why, delay
-                    )
-                    await trio.sleep(delay)
+                    if not self._reconnect_now:
+                        delay = backoff.next()
+                        if not started:
+                            delay = min(delay, max(0.0, first_deadline - trio.current_time()))
+                        logger.info(
+                            "iris connection ended (%s); reconnecting in %.2f s", ended.why, delay
+                        )
+                        with trio.move_on_after(delay):
+                            await self._wake.wait()  # reconnect() cuts the wait short
+                    self._reconnect_now = False
+                    self._wake = trio.Event()
             finally:
                 self._link = None
                 self._stopped.set()
@@ -922,8 +935,8 @@ class IrisClient:
             elif isinstance(frame, Sent):
                 self._answer(frame.id, frame)
             elif isinstance(frame, ServerError):
-                if frame.id is not None and frame.id in self._attempts:
-                    self._answer(frame.id, frame)
+                if frame.id is not None:
+                    self._answer(frame.id, frame)  # no one waiting: a late answer, dropped
                 else:
                     link.last_error = frame
                     logger.info("iris server error %s: %s", frame.code, frame.message or "")
@@ -984,9 +997,10 @@ async def open_iris(
     retries; ``max_frame_bytes`` is the server's frame limit (larger sends
     fail at once with ``too_large``).
 
-    Raises :class:`AuthError` when the token is refused, and
+    Raises :class:`AuthError` when the token is refused,
     :class:`ConnectFailed` when no connection is authenticated in time or the
-    handshake is refused (wrong path, no ``iris.v1``).
+    handshake is refused (wrong path, no ``iris.v1``), and ``ValueError`` for
+    a URL that is not ``ws://`` or ``wss://`` (or ``ssl_context`` with ``ws://``).
     """
     client = IrisClient(
         url,
@@ -999,7 +1013,7 @@ async def open_iris(
     )
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(client.run)
+            await nursery.start(client._run)
             try:
                 yield client
             finally:
@@ -1020,15 +1034,20 @@ __all__ = [
     "ClientClosed",
     "ClientStatistics",
     "ConnectFailed",
+    "FrameError",
     "IrisClient",
     "IrisClientError",
     "Message",
+    "OtherFrame",
     "PingTimeout",
+    "Pong",
     "RecentIds",
     "SendTimeout",
     "Sent",
     "ServerError",
+    "ServerFrame",
     "Welcome",
+    "auth_error_for_close",
     "decode_frame",
     "encode_frame",
     "new_send_id",

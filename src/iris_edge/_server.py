@@ -57,6 +57,7 @@ from iris_raft import (
     RevokeEvent,
     StateFull,
     StoredMessage,
+    TokenRevoked,
     Unavailable,
     UnknownOutcome,
     WriteBlocked,
@@ -327,6 +328,9 @@ class EdgeServer:
             await self.core.open_session(
                 session, user, self.edge_id, claims.jti if claims else "", _ms(claims.iat if claims else None) or 0
             )
+        except TokenRevoked:
+            self.metrics.auth_failures.labels("token_revoked").inc()
+            raise _Close(CloseCode.AUTH_FAILED, "token revoked", ErrorCode.TOKEN_REVOKED) from None
         except IrisError:
             raise _Close(CloseCode.GOING_AWAY, "core unavailable", ErrorCode.UNAVAILABLE) from None
         out_send, out_recv = trio.open_memory_channel[tuple[str, bytes]](self.config.max_queue_per_connection)

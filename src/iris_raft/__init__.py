@@ -35,6 +35,7 @@ from ._exceptions import NotLeader as NotLeader
 from ._exceptions import Overloaded as Overloaded
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import StateFull as StateFull
+from ._exceptions import TokenRevoked as TokenRevoked
 from ._exceptions import Unavailable as Unavailable
 from ._exceptions import UnknownOutcome as UnknownOutcome
 from ._exceptions import WriteBlocked as WriteBlocked
@@ -77,6 +78,7 @@ __all__ = [
     "StoredMessage",
     "Subscription",
     "SubscriptionLost",
+    "TokenRevoked",
     "Unavailable",
     "UnknownOutcome",
     "WriteBlocked",

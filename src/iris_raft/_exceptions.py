@@ -88,6 +88,12 @@ class AuthFailed(IrisError):
     code = "auth_failed"
 
 
+class TokenRevoked(IrisError):
+    """The token is revoked (by its ``jti`` or a per-user cut-off)."""
+
+    code = "token_revoked"
+
+
 class ConfigError(IrisError):
     """A configuration value is missing or invalid; the message names the key."""
 
@@ -134,6 +140,7 @@ _BY_CODE: dict[str, type[IrisError]] = {
         BadRequest,
         Overloaded,
         AuthFailed,
+        TokenRevoked,
         ConfigError,
         ProtocolError,
         InternalError,

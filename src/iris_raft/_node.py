@@ -56,6 +56,7 @@ from ._exceptions import (
     InboxFull,
     Overloaded,
     StateFull,
+    TokenRevoked,
     Unavailable,
     UnknownOutcome,
     WriteBlocked,
@@ -589,6 +590,8 @@ class Node:
         code, message = result[1], result[2]
         if code == "inbox_full":
             raise InboxFull(message)
+        if code == "token_revoked":
+            raise TokenRevoked(message)
         raise error_from_code(code, message)
 
     async def send(

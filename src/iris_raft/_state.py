@@ -325,13 +325,17 @@ class IrisState:
         return OK_NONE
 
     def _open_session(self, op: OpenSession) -> Result:
+        # Checked here too, in log order: a revocation committed between the
+        # edge's check and this session cannot let the token in.
+        if self.is_revoked(op.user, op.jti, op.iat_ms):
+            return _err("token_revoked", "the token is revoked")
         if op.session in self.sessions:
             self._remove_session(op.session)
         self.sessions[op.session] = Session(op.user, op.edge, op.jti, op.iat_ms, op.since_ms)
         # Sessions live on their edge's lease; an edge that never renewed gets
         # a short one, so its sessions cannot outlive it forever.
         if op.edge not in self.leases:
-            self.leases[op.edge] = max(op.since_ms, self.now_ms) + DEFAULT_LEASE_MS
+            self.leases[op.edge] = self.now_ms + DEFAULT_LEASE_MS
         self.sessions_by_edge.setdefault(op.edge, set()).add(op.session)
         self.state_bytes += _SESSION_OVERHEAD + len(op.session) + len(op.user) + len(op.jti)
         return OK_NONE
@@ -408,7 +412,7 @@ class IrisState:
         for edge, until in list(self.leases.items()):
             if until <= now:
                 del self.leases[edge]
-                for sid in list(self.sessions_by_edge.get(edge, ())):
+                for sid in sorted(self.sessions_by_edge.get(edge, ())):
                     session = self._remove_session(sid)
                     if session is not None:
                         events.append(KickEvent(sid, session.user, edge, "lease_expired"))

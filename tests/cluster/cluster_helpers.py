@@ -427,44 +427,33 @@ async def wait_identical_state(
     """Wait until the listed cores report the same ``last_applied`` and identical
     ``status()["state"]`` counters; return those counters.
 
-    Replicas that applied the same log prefix must hold the same state; a
-    divergence never matches and the wait fails with both observations.
+    Replicas that applied the same log prefix must hold the same state. Status
+    reads the Raft indexes and the counters a moment apart, so one mismatch
+    proves nothing; a real divergence persists until the deadline, and the
+    failure shows the last mismatch seen.
     """
     idx = list(range(len(cluster.cores))) if indexes is None else list(indexes)
+    last_mismatch: list[Any] = []
 
-    async def probe() -> Any:
+    async def probe() -> dict[str, Any] | None:
         statuses = [await core_status(cluster, i) for i in idx]
-        applied = {s["raft"]["last_applied"] for s in statuses}
-        if len(applied) != 1:
+        if len({s["raft"]["last_applied"] for s in statuses}) != 1:
             return None
         states = [s["state"] for s in statuses]
         if all(st == states[0] for st in states[1:]):
-            return states[0]
-        return ("diverged", states)  # truthy but marked: reported below
+            return dict(states[0])
+        last_mismatch[:] = [(statuses[0]["raft"]["last_applied"], states)]
+        return None
 
-    result = await wait_until(
-        _skip_marked(probe), timeout=timeout, what=f"identical state on cores {idx}", interval=0.05
-    )
-    return dict(result)
-
-
-def _skip_marked(probe: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
-    last_divergence: list[Any] = []
-
-    async def wrapped() -> Any:
-        value = await probe()
-        if isinstance(value, tuple) and value and value[0] == "diverged":
-            last_divergence[:] = [value]
-            # Status reads raft indexes and state counters a moment apart; a
-            # real divergence persists, so keep polling and let the deadline judge.
-            raise _Diverged(repr(value[1]))
-        return value
-
-    return wrapped
-
-
-class _Diverged(IrisError):
-    code = "test_state_diverged"
+    try:
+        result: dict[str, Any] = await wait_until(
+            probe, timeout=timeout, what=f"identical state on cores {idx}"
+        )
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}; last mismatch at equal last_applied: {last_mismatch}"
+        ) from None
+    return result
 
 
 @contextlib.asynccontextmanager

@@ -10,6 +10,9 @@ committed meanwhile); after the heal it catches up. A write it refused with
 keeps serving stale local reads while the majority accepts writes; after the
 heal every core converges, and a write the isolated core acknowledged from its
 WAL before its guard noticed the partition is not lost.
+
+And a frozen (SIGSTOP) ``cp`` leader, deposed meanwhile, must not answer a
+stale read the instant it resumes.
 """
 
 from __future__ import annotations
@@ -19,18 +22,20 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from cluster_helpers import (
     converged_inboxes,
     core_call,
     core_status,
     open_cluster,
-    wait_all_safe,
+    secret_of,
     wait_identical_state,
     wait_safe,
     wait_until,
 )
 
 from iris_raft import IrisError, Unavailable, UnknownOutcome, WriteBlocked
+from iris_raft._rpc import open_rpc_connection
 
 pytestmark = pytest.mark.cluster
 
@@ -81,7 +86,6 @@ async def test_cp_isolated_core_refuses_writes_and_linearizable_reads(
         async with open_cluster(str(tmp_path), nodes=3, mode="cp", proxies=True) as cluster:
             assert cluster.links is not None
             leader = await cluster.wait_leader()
-            await wait_all_safe(cluster)
             x = leader if victim == "leader" else (leader + 1) % 3
             majority = [i for i in range(3) if i != x]
             await core_call(
@@ -190,7 +194,6 @@ async def test_hardened_ap_isolated_core_blocks_writes_and_serves_stale_reads(
         ) as cluster:
             assert cluster.links is not None
             leader = await cluster.wait_leader()
-            await wait_all_safe(cluster)
             x = leader if victim == "leader" else (leader + 1) % 3
             majority = [i for i in range(3) if i != x]
             await core_call(
@@ -253,4 +256,60 @@ async def test_hardened_ap_isolated_core_blocks_writes_and_serves_stale_reads(
                 assert stored.get("early") == early[1]["mid"], (early, stored)
             assert "blocked" not in stored
             await _wait_all_local(cluster, [0, 1, 2], "k", "new")
+            await wait_identical_state(cluster)
+
+
+async def test_cp_paused_old_leader_serves_no_stale_read_on_resume(tmp_path: Path) -> None:
+    """A leader frozen (SIGSTOP) while the others elect a new one and commit "new".
+
+    Requests queued on its RPC connection are handled the instant it resumes,
+    while it still believes it leads and its guard still says "safe" (both were
+    last updated before the pause): a linearizable read must then fail or
+    return "new", never "old" (the classic stale read of a deposed leader).
+    """
+    with trio.fail_after(60):
+        async with open_cluster(str(tmp_path), nodes=3, mode="cp") as cluster:
+            old = await cluster.wait_leader()
+            await core_call(cluster, old, "put", {"key": "k", "value": "old", "op_id": "put-old"})
+            async with open_rpc_connection(
+                cluster.cores[old].rpc, secret=secret_of(cluster), connect_timeout=2
+            ) as conn:
+                cluster.pause(old)
+                try:
+                    new = await cluster.wait_leader(exclude=[old], timeout=10)
+                    await core_call(
+                        cluster, new, "put", {"key": "k", "value": "new", "op_id": "put-new"}
+                    )
+                    outcomes: dict[str, Any] = {}
+
+                    async def queued(name: str, method: str, params: dict[str, Any]) -> None:
+                        try:
+                            outcomes[name] = ("ok", await conn.call(method, params, timeout=6))
+                        except IrisError as exc:
+                            outcomes[name] = ("error", exc)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(queued, "lin", "get", {"key": "k", "linearizable": True})
+                        nursery.start_soon(queued, "default", "get", {"key": "k"})
+                        nursery.start_soon(queued, "send", "send", _send_params("paused"))
+                        # Every task blocked = the three requests are written and awaited.
+                        await trio.testing.wait_all_tasks_blocked()
+                        cluster.resume(old)
+                finally:
+                    cluster.resume(old)
+            for name in ("lin", "default"):
+                kind, value = outcomes[name]
+                if kind == "ok":
+                    assert value == "new", f"{name} read on the deposed leader returned {value!r}"
+                else:
+                    assert isinstance(value, Unavailable | UnknownOutcome), (name, value)
+            kind, value = outcomes["send"]
+            if kind == "error":
+                assert isinstance(value, Unavailable | UnknownOutcome), value
+            inboxes = await converged_inboxes(cluster, [INBOX])
+            stored = {bytes(m.body).decode(): m.mid for m in inboxes[INBOX]}
+            if kind == "ok":
+                assert stored == {"paused": value["mid"]}, (value, stored)
+            else:
+                assert set(stored) <= {"paused"}
             await wait_identical_state(cluster)

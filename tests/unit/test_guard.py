@@ -222,8 +222,11 @@ def test_first_quorum_after_membership_change_is_still_first() -> None:
 NODES = ("a", "b", "c", "d", "e", "f", "g")
 
 
+Step = tuple[int, dict[str, int], int | None]  # now, last heard, new cluster size
+
+
 @st.composite
-def histories(draw: st.DrawFn) -> tuple[int, int, int, list[tuple[int, dict[str, int]]]]:
+def histories(draw: st.DrawFn) -> tuple[int, int, int, list[Step]]:
     size = draw(st.sampled_from([1, 2, 3, 4, 5, 7]))
     detect_after = draw(st.integers(1, 5))
     hysteresis = draw(st.integers(0, 6))
@@ -234,6 +237,7 @@ def histories(draw: st.DrawFn) -> tuple[int, int, int, list[tuple[int, dict[str,
                 st.dictionaries(
                     st.sampled_from((*NODES[1:], "x", "y")), st.integers(0, 2 * detect_after)
                 ),
+                st.one_of(st.none(), st.none(), st.none(), st.sampled_from([1, 3, 5, 7])),
             ),
             min_size=1,
             max_size=30,
@@ -241,24 +245,26 @@ def histories(draw: st.DrawFn) -> tuple[int, int, int, list[tuple[int, dict[str,
     )
     steps = []
     now = 0
-    for advance, ages in raw:
+    for advance, ages, resize in raw:
         now += advance
-        steps.append((now, {node: now - age for node, age in ages.items()}))
+        steps.append((now, {node: now - age for node, age in ages.items()}, resize))
     return size, detect_after, hysteresis, steps
 
 
 @settings(max_examples=200, deadline=None)
 @given(histories())
-def test_guard_follows_its_specification(
-    history: tuple[int, int, int, list[tuple[int, dict[str, int]]]],
-) -> None:
+def test_guard_follows_its_specification(history: tuple[int, int, int, list[Step]]) -> None:
     size, detect_after, hysteresis, steps = history
     members = NODES[:size]
     guard = PartitionGuard("a", members, detect_after=detect_after, hysteresis=hysteresis)
     run_start: int | None = None  # first evaluation of the current run of quorum
     assert guard.safe == (size == 1)
     ever_safe = guard.safe
-    for now, last_heard in steps:
+    for now, last_heard, resize in steps:
+        if resize is not None:  # a membership change, used from the next evaluation
+            size = resize
+            members = NODES[:size]
+            guard.set_members(members)
         was_safe = guard.safe
         transition = guard.evaluate(last_heard, now)
         reachable = {"a"} | {

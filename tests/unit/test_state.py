@@ -244,11 +244,13 @@ class Model:
             self._kick(lambda s: s.user == op.user and s.iat < before, events)
             return (True, None)
         if isinstance(op, OpenSession):
+            if self.is_revoked(op.user, op.jti, op.iat_ms):  # a revoked token opens nothing
+                return (False, "token_revoked")
             self.sessions.pop(op.session, None)
             self.sessions[op.session] = Session(op.user, op.edge, op.jti, op.iat_ms, op.since_ms)
             if op.edge not in self.leases:  # an edge without a lease gets a default one
                 self.notes.add("default lease")
-                self.leases[op.edge] = max(op.since_ms, self.now) + DEFAULT_LEASE_MS
+                self.leases[op.edge] = self.now + DEFAULT_LEASE_MS
             return (True, None)
         if isinstance(op, CloseSession):
             s = self.sessions.pop(op.session, None)
@@ -1159,12 +1161,24 @@ def test_session_on_an_edge_without_a_lease_gets_a_default_lease() -> None:
     apply(state, 0, RenewLease("l", "e1", 100))
     apply(state, 200)  # e1's lease has lapsed: the edge is presumed dead
     apply(state, 201, OpenSession("o", "s1", "bob", "e1", "j1", 0, 150))
-    assert state.leases == {"e1": 201 + DEFAULT_LEASE_MS}
+    assert state.leases == {"e1": 201 + DEFAULT_LEASE_MS}  # replicated time, not the op's clock
     assert apply(state, 200 + DEFAULT_LEASE_MS) == ([], [])
     assert "s1" in state.sessions
     _, events = apply(state, 201 + DEFAULT_LEASE_MS)
     assert events == [KickEvent("s1", "bob", "e1", "lease_expired")]
     assert state.sessions == {} and state.leases == {}
+
+
+def test_a_revoked_token_cannot_open_a_session() -> None:
+    state = IrisState()
+    apply(state, 1, RevokeToken("r", "j1", 10**6))
+    assert apply(state, 2, OpenSession("o", "s1", "bob", "e1", "j1", 0, 2))[0] == [
+        (False, "token_revoked", "the token is revoked")
+    ]
+    apply(state, 3, RevokeUser("ru", "eve", 100, 10**6))
+    assert apply(state, 4, OpenSession("o2", "s2", "eve", "e1", "j2", 99, 4))[0][0][1] == "token_revoked"
+    assert apply(state, 5, OpenSession("o3", "s3", "eve", "e1", "j3", 100, 5))[0] == [(True, None)]
+    assert set(state.sessions) == {"s3"}
 
 
 def test_a_live_lease_is_not_changed_by_opening_a_session() -> None:
