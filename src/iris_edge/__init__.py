@@ -6,6 +6,16 @@ is durable, and delivers stored and live messages from the core's event stream.
 """
 
 from ._app import run_dev as run_dev
+from ._auth import issue_token as issue_token
+from ._client import AuthError as AuthError
+from ._client import ClientClosed as ClientClosed
+from ._client import ConnectFailed as ConnectFailed
+from ._client import IrisClient as IrisClient
+from ._client import IrisClientError as IrisClientError
+from ._client import Message as Message
+from ._client import SendTimeout as SendTimeout
+from ._client import Sent as Sent
+from ._client import open_iris as open_iris
 from ._app import run_edge as run_edge
 from ._app import serve_edge as serve_edge
 from ._core import CoreAccess as CoreAccess
@@ -15,7 +25,17 @@ from ._server import EdgeServer as EdgeServer
 from ._server import EdgeSettings as EdgeSettings
 
 __all__ = [
+    "AuthError",
+    "ClientClosed",
+    "ConnectFailed",
     "CoreAccess",
+    "IrisClient",
+    "IrisClientError",
+    "Message",
+    "SendTimeout",
+    "Sent",
+    "issue_token",
+    "open_iris",
     "EdgeServer",
     "EdgeSettings",
     "LocalCore",

@@ -170,8 +170,17 @@ async def run_dev(config: IrisConfig, data_dir: str, *, token_user: str = "dev-u
             if secret is not None:
                 token = issue_token(secret, token_user, ttl=24 * 3600)
                 lines.append(f"iris dev: a token for user {token_user!r} (24 h): {token}")
-                lines.append("iris dev: more tokens: iris token --data-dir DIR --user NAME")
+                lines.append(f"iris dev: more tokens: iris token --data-dir {data_dir} --user NAME")
+                lines.append(f"iris dev: status and revocation: iris status --data-dir {data_dir}")
             for line in lines:
                 print(line, flush=True)
 
-        await serve_edge(LocalCore(node), config, jwt_secret=secret, ready=ready, edge_id="dev-edge")
+        # The core's RPC port too, so `iris status/revoke --data-dir DIR` work against dev.
+        from iris_raft import serve_core
+        from iris_raft._config import parse_address
+
+        host, port = parse_address(config.core.rpc)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_core(node, host, port, secret=None, task_status=task_status))
+            await serve_edge(LocalCore(node), config, jwt_secret=secret, ready=ready, edge_id="dev-edge")
+            nursery.cancel_scope.cancel()

@@ -145,6 +145,10 @@ def _cmd_core(args: argparse.Namespace) -> int:
 def _rpc_addresses(args: argparse.Namespace, config: IrisConfig) -> list[str]:
     if getattr(args, "rpc", None):
         return list(args.rpc)
+    if getattr(args, "data_dir", None):
+        from ._dev import dev_rpc_address
+
+        return [dev_rpc_address(args.data_dir)]
     addresses = list(config.edge.cores)
     if config.core.rpc and config.core.rpc not in addresses:
         addresses.append(config.core.rpc)
@@ -154,6 +158,8 @@ def _rpc_addresses(args: argparse.Namespace, config: IrisConfig) -> list[str]:
 def _with_client(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
     from ._client import open_client
 
+    if not (args.config or getattr(args, "rpc", None) or getattr(args, "data_dir", None)):
+        raise ConfigError("give --config FILE, --rpc ADDRESS or --data-dir DIR", key="--config")
     config = _load(args)
     cores = _rpc_addresses(args, config)
 
@@ -300,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_rpc(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rpc", action="append", help="core RPC address (repeatable)")
+        p.add_argument("--data-dir", help="reach the core of an `iris dev` data folder")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
         p.add_argument("--cafile", help="CA bundle when the cores use TLS")
 
@@ -308,13 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_core)
 
     p = sub.add_parser("status", help="show cluster status")
-    with_config(p)
+    with_config(p, required=False)
     with_rpc(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("revoke", help="revoke a token (--jti) or every token of a user (--user)")
-    with_config(p)
+    with_config(p, required=False)
     with_rpc(p)
     p.add_argument("--jti")
     p.add_argument("--user")

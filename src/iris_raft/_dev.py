@@ -36,3 +36,15 @@ def dev_config(data_dir: str, *, raft_port: int | None = None, rpc_port: int | N
     with open(ports_file, "w") as f:
         f.write(f"{raft_port} {rpc_port}\n")
     return IrisConfig.for_dev(data_dir, raft_port=raft_port, rpc_port=rpc_port)
+
+
+def dev_rpc_address(data_dir: str) -> str:
+    """The core RPC address of the ``iris dev`` instance using ``data_dir``."""
+    from ._exceptions import ConfigError
+
+    try:
+        with open(os.path.join(data_dir, "dev-ports")) as f:
+            _raft, rpc = (int(x) for x in f.read().split()[:2])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{data_dir} is not an iris dev data folder ({exc})", key="--data-dir") from None
+    return f"127.0.0.1:{rpc}"

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import cbor2
-import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
@@ -244,13 +243,13 @@ class Client:
         """The next ``count`` ``msg`` frames (other frames stay stashed)."""
         return [await self.wait_for("msg") for _ in range(count)]
 
-    async def send_message(self, to: str, body: Any, id: str | None = None) -> dict[str, Any]:  # noqa: A002
+    async def send_message(self, to: str, body: Any, id: str | None = None) -> dict[str, Any]:
         """Send and wait for its ``sent`` (an ``error`` for this id fails the test)."""
-        id = id or unique("id")  # noqa: A001
+        id = id or unique("id")
         await self.send({"type": "send", "id": id, "to": to, "body": body})
         return await self.answer(id, "sent")
 
-    async def answer(self, id: str, type_: str | None = None) -> dict[str, Any]:  # noqa: A002
+    async def answer(self, id: str, type_: str | None = None) -> dict[str, Any]:
         """The ``sent`` or ``error`` frame answering the send ``id``."""
         while True:
             frame = await self.wait_for_any(("sent", "error"), id=id)
@@ -346,7 +345,9 @@ async def _close_stream(ws: WebSocketConnection) -> None:
 
 
 @contextlib.asynccontextmanager
-async def login(url: str, token: str, *, via: str = "header", **kwargs: Any) -> AsyncIterator[Client]:
+async def login(
+    url: str, token: str, *, via: str = "header", **kwargs: Any
+) -> AsyncIterator[Client]:
     """An authenticated connection: ``welcome`` has been received (kept in ``client.welcome``)."""
     async with connect(url, token=token, via=via, **kwargs) as client:
         client.welcome = await client.expect("welcome")
@@ -356,7 +357,9 @@ async def login(url: str, token: str, *, via: str = "header", **kwargs: Any) -> 
 # ------------------------------------------------------------- processes
 
 
-def start_dev(data_dir: Path, port: int, log: Path, timeout: float = 30.0) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_dev(
+    data_dir: Path, port: int, log: Path, timeout: float = 30.0
+) -> tuple[subprocess.Popen[bytes], str, str]:
     """``iris dev``: wait for its ``connect to`` and token lines; the process, its url, the token."""
     out = open(log, "ab")  # noqa: SIM115 -- handed to the child, closed below
     proc = subprocess.Popen(
@@ -395,11 +398,15 @@ def start_dev(data_dir: Path, port: int, log: Path, timeout: float = 30.0) -> tu
             token = line.rsplit(" ", 1)[1]
     if url is None or token is None:
         stop_process(proc)
-        raise RuntimeError(f"iris dev did not get ready: {lines!r}\n{log.read_text(errors='replace')}")
+        raise RuntimeError(
+            f"iris dev did not get ready: {lines!r}\n{log.read_text(errors='replace')}"
+        )
     return proc, url, token
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20.0
+) -> int:
     """Send ``sig``, wait (SIGKILL after ``timeout``); the exit status."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):

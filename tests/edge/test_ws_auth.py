@@ -13,7 +13,6 @@ import os
 import time
 import urllib.parse
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -21,7 +20,6 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
 from edge_helpers import SUBPROTOCOL, ClusterThread, connect, login, running_cluster, unique
 
 pytestmark = pytest.mark.cluster
@@ -47,7 +45,9 @@ def raw_jwt(
 ) -> str:
     """A JWT built by hand (no library refuses to build it), HMAC-signed when a key is given."""
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
-    signature = b"" if hmac_key is None else hmac.new(hmac_key, signing_input.encode(), digest).digest()
+    signature = (
+        b"" if hmac_key is None else hmac.new(hmac_key, signing_input.encode(), digest).digest()
+    )
     return f"{signing_input}.{_b64(signature)}"
 
 
@@ -136,7 +136,9 @@ async def test_handshake_selects_iris_v1(cluster: ClusterThread, offered: list[s
 
 
 @pytest.mark.parametrize("offered", [["chat.v2"], ["iris.v2", "iris"]])
-async def test_handshake_without_iris_v1_is_refused(cluster: ClusterThread, offered: list[str]) -> None:
+async def test_handshake_without_iris_v1_is_refused(
+    cluster: ClusterThread, offered: list[str]
+) -> None:
     with trio.fail_after(10):
         status = await _refused(cluster.url(0), cluster.token(unique("hs")), tuple(offered))
     assert 400 <= status < 500
@@ -226,7 +228,9 @@ async def test_no_auth_frame_within_5_s_closes_4001(cluster: ClusterThread) -> N
         {"no": "type"},
     ],
 )
-async def test_frame_other_than_auth_first_closes_4001(cluster: ClusterThread, frame: dict[str, Any]) -> None:
+async def test_frame_other_than_auth_first_closes_4001(
+    cluster: ClusterThread, frame: dict[str, Any]
+) -> None:
     with trio.fail_after(10):
         async with connect(cluster.url(1)) as client:
             await client.send(frame)
@@ -235,7 +239,9 @@ async def test_frame_other_than_auth_first_closes_4001(cluster: ClusterThread, f
 
 
 @pytest.mark.parametrize("value", ["Bearer not-a-jwt", "Bearer a.b.c", "Basic dXNlcjpwYXNz"])
-async def test_bad_token_in_header_is_answered_after_the_handshake(cluster: ClusterThread, value: str) -> None:
+async def test_bad_token_in_header_is_answered_after_the_handshake(
+    cluster: ClusterThread, value: str
+) -> None:
     with trio.fail_after(10):
         async with connect(cluster.url(0), headers=[(b"Authorization", value.encode())]) as client:
             assert client.ws.subprotocol == SUBPROTOCOL  # the handshake itself succeeded
@@ -247,7 +253,9 @@ async def test_bad_token_in_header_is_answered_after_the_handshake(cluster: Clus
 
 @pytest.mark.parametrize("via", ["header", "frame"])
 @pytest.mark.parametrize("kind", ATTACKS)
-async def test_forged_or_invalid_tokens_are_refused(cluster: ClusterThread, kind: str, via: str) -> None:
+async def test_forged_or_invalid_tokens_are_refused(
+    cluster: ClusterThread, kind: str, via: str
+) -> None:
     token = attack_token(kind, cluster.jwt_secret, unique("victim"))
     with trio.fail_after(10):
         async with connect(cluster.url(0), token=token, via=via) as client:
@@ -277,7 +285,9 @@ async def test_expired_token_past_the_leeway(cluster: ClusterThread, via: str) -
 async def test_token_expired_within_the_leeway_is_accepted(cluster: ClusterThread) -> None:
     user = unique("skew")
     now = int(time.time())
-    token = jwt.encode(claims_for(user, iat=now - 3600, exp=now - 5), cluster.jwt_secret, algorithm="HS256")
+    token = jwt.encode(
+        claims_for(user, iat=now - 3600, exp=now - 5), cluster.jwt_secret, algorithm="HS256"
+    )
     with trio.fail_after(10):
         async with login(cluster.url(0), token) as client:
             assert client.welcome is not None and client.welcome["user"] == user
@@ -302,7 +312,9 @@ async def test_revoked_token_is_refused(cluster: ClusterThread, via: str) -> Non
 # ----------------------------------------------------------------- refresh
 
 
-async def test_refresh_with_a_token_for_the_same_user_keeps_the_connection(cluster: ClusterThread) -> None:
+async def test_refresh_with_a_token_for_the_same_user_keeps_the_connection(
+    cluster: ClusterThread,
+) -> None:
     user = unique("refresh")
     with trio.fail_after(10):
         async with login(cluster.url(0), cluster.token(user, ttl=600)) as client:
@@ -327,5 +339,7 @@ async def test_refresh_with_a_forged_token_closes_4001(cluster: ClusterThread) -
     user = unique("refresh")
     with trio.fail_after(10):
         async with login(cluster.url(0), cluster.token(user)) as client:
-            await client.send({"type": "auth", "token": attack_token("wrong_secret", cluster.jwt_secret, user)})
+            await client.send(
+                {"type": "auth", "token": attack_token("wrong_secret", cluster.jwt_secret, user)}
+            )
             await client.expect_close(4001, "auth_failed")

@@ -69,7 +69,9 @@ async def test_refresh_with_another_short_token_moves_the_deadline(cluster: Clus
             await client.send({"type": "auth", "token": second})
             await client.expect_close(4002)
             closed_at = time.time()
-    assert second_exp <= closed_at < second_exp + 2.0, f"closed {closed_at - second_exp:+.2f} s after exp"
+    assert second_exp <= closed_at < second_exp + 2.0, (
+        f"closed {closed_at - second_exp:+.2f} s after exp"
+    )
 
 
 async def test_without_leeway_a_just_expired_token_is_refused(cluster: ClusterThread) -> None:

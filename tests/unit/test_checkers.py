@@ -519,6 +519,76 @@ def test_generated_histories_are_linearizable_and_a_stale_read_is_caught(
         assert result.failing and result.details["failures"]
 
 
+def reference_linearizable(h: History) -> bool:
+    """Brute force: some subset of the unknown-outcome ops plus every ok op, in some
+    order respecting real time, runs on a register and gives every observed result."""
+    entries = []  # (invoke index, return index or inf, f, value, outcome, extra)
+    for inv, done in h.pairs():
+        outcome = done.type if done is not None else "info"
+        if outcome == "fail" or (inv.f == "read" and outcome == "info"):
+            continue
+        ret = done.index if outcome == "ok" and done is not None else math.inf
+        value = done.value if inv.f == "read" and done is not None else inv.value
+        entries.append((inv.index, ret, inv.f, value, outcome, done.extra if done else {}))
+    optional = [e for e in entries if e[4] != "ok"]
+    required = [e for e in entries if e[4] == "ok"]
+    for n in range(len(optional) + 1):
+        for chosen in itertools.combinations(optional, n):
+            for order in itertools.permutations(required + list(chosen)):
+                if any(b[1] < a[0] for k, a in enumerate(order) for b in order[k + 1 :]):
+                    continue  # b returned before a was invoked, yet comes after it
+                state: Any = None
+                for _, _, f, value, outcome, extra in order:
+                    if f == "read":
+                        if state != value:
+                            break
+                    elif f == "write":
+                        state = value
+                    else:
+                        swapped = outcome != "ok" or extra.get("swapped", True)
+                        if (state == value[0]) != swapped:
+                            break
+                        if swapped:
+                            state = value[1]
+                else:
+                    return True
+    return False
+
+
+@st.composite
+def small_histories(draw: st.DrawFn) -> History:
+    """Up to 6 random register ops on one key over values {None, 1, 2}, mostly invalid."""
+    h = new_history()
+    n = draw(st.integers(1, 6))
+    open_ops: dict[int, Op] = {}
+    started = 0
+    while started < n or open_ops:
+        if started < n and (not open_ops or draw(st.booleans())):
+            f = draw(st.sampled_from(["read", "write", "cas"]))
+            small = st.sampled_from([None, 1, 2])
+            value = draw(small) if f == "write" else [draw(small), draw(small)] if f == "cas" else None
+            open_ops[started] = h.invoke(started, f, "x", value)
+            started += 1
+            continue
+        p = draw(st.sampled_from(sorted(open_ops)))
+        inv = open_ops.pop(p)
+        outcome = draw(st.sampled_from(["ok", "ok", "ok", "info", "fail"]))
+        if inv.f == "read" and outcome == "ok":
+            h.complete(inv, "ok", draw(st.sampled_from([None, 1, 2])))
+        elif inv.f == "cas" and outcome == "ok":
+            h.complete(inv, "ok", swapped=draw(st.booleans()))
+        elif draw(st.booleans()) or outcome != "info":
+            h.complete(inv, outcome)  # type: ignore[arg-type]
+        # else: left pending, like an info
+    return h
+
+
+@settings(max_examples=400, deadline=None)
+@given(small_histories())
+def test_search_agrees_with_brute_force(h: History) -> None:
+    assert check_linearizable(h).valid is reference_linearizable(h)
+
+
 def test_generated_history_with_more_info_ops() -> None:
     for seed in range(20):
         h = generate_history(random.Random(seed), 150, 5, ("x", "y"), info_rate=0.15)
@@ -544,9 +614,10 @@ def test_performance_5000_ops_at_concurrency_5() -> None:
 
 
 def send(h: History, p: int, cid: str, to: str, result: str = "ok", mid: str | None = None,
-         sender: str = "alice") -> tuple[Op, Op]:
+         sender: str = "alice", **extra: Any) -> tuple[Op, Op]:
     inv = h.invoke(p, "send", to, {"id": cid, "from": sender, "to": to, "body": f"body-{cid}"})
-    extra = {"mid": mid} if mid is not None else {}
+    if mid is not None:
+        extra["mid"] = mid
     return inv, h.complete(inv, result, **extra)  # type: ignore[arg-type]
 
 
