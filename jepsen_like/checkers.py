@@ -19,9 +19,21 @@ Lowe's improvements and Porcupine's cache: call and return entries sit in a
 doubly linked list; the search linearizes the first call whose operation the
 model accepts and whose (linearized-set bitmask, model state) pair is new,
 and backtracks when it reaches a return entry (that operation had to take
-effect before it returned). Unknown-outcome operations have no return entry
-and are optional: the search succeeds once every ``ok`` operation is
-linearized. Registers are independent, so the history is split per key.
+effect before it returned). Registers are independent, so the history is
+split per key. Three additions keep unknown outcomes from blowing the search
+up, each exact (a brute-force reference checks them in the tests):
+
+* unknown-outcome operations are optional and have no return entry; they
+  are tried only at a dead end, and a configuration whose optional set is a
+  superset of one already seen with the same required set and state is
+  skipped (leaving an optional operation pending only adds options);
+* values no read returned and no cas expected are merged into one opaque
+  value, and optional operations with the same effect are tried once;
+* when a bounded full search does not decide, windows of consecutive
+  operations are searched from an unknown initial value, with operations
+  crossing the window's edges made optional. That is more permissive than
+  the whole history, so a failing window proves a violation, and gives the
+  report a small window; otherwise the full search runs to the time limit.
 
 Messages (:func:`check_messages`) and revocations
 (:func:`check_revocations`) are checked in O(n log n) by indexing, not by a
@@ -103,8 +115,13 @@ def combine_validity(values: Iterable[Validity]) -> Validity:
     return result
 
 
+_SCALARS: Final = frozenset({type(None), bool, int, float, str, bytes})
+
+
 def _freeze(value: Any) -> Hashable:
     """A hashable stand-in for a JSON-like value (lists and tuples alike)."""
+    if type(value) in _SCALARS:
+        return value  # type: ignore[no-any-return]
     if isinstance(value, list | tuple):
         return ("$seq", *(_freeze(v) for v in value))
     if isinstance(value, dict):
@@ -113,11 +130,12 @@ def _freeze(value: Any) -> Hashable:
         return bytes(value)
     if isinstance(value, set | frozenset):
         return ("$set", frozenset(_freeze(v) for v in value))
-    assert isinstance(value, Hashable)
+    if not isinstance(value, Hashable):
+        raise TypeError(f"cannot compare values of type {type(value).__name__}")
     return value
 
 
-def _window(ops: Iterable[Op | None]) -> list[Op]:
+def _in_order(ops: Iterable[Op | None]) -> list[Op]:
     seen = {op.index: op for op in ops if op is not None}
     return [seen[i] for i in sorted(seen)][:_MAX_FAILING]
 
@@ -129,6 +147,32 @@ _WRITE: Final = 1
 _CAS: Final = 2  # swapped (or unknown outcome: optional, takes effect only if it swaps)
 _CAS_NO_SWAP: Final = 3  # completed ok without swapping: observed value != expected
 _REGISTER_FS: Final = frozenset({"read", "write", "cas"})
+
+#: First pass: a full search bounded to this many steps per op (valid
+#: histories need far fewer), before looking for a small failing window.
+_FIRST_PASS_STEPS_PER_OP = 100
+#: Window sizes (ops) for local refutation, smallest first.
+_WINDOW_SIZES: tuple[int, ...] = (16, 64, 256, 1024)
+#: Step budget of a window search, per op in the window.
+_WINDOW_STEPS_PER_OP = 200
+
+
+class _Opaque:
+    """The register value when it holds something no op of the key observed."""
+
+    def __repr__(self) -> str:
+        return "<a value nothing observed>"
+
+
+class _Any:
+    """The register value at the start of a window: anything at all."""
+
+    def __repr__(self) -> str:
+        return "<any value>"
+
+
+_OPAQUE: Final = _Opaque()
+_ANY: Final = _Any()
 
 
 @dataclass(slots=True)
@@ -158,15 +202,12 @@ class _KeyOutcome:
     steps: int
     cache: int
     stuck: _Stuck | None = None
+    ops: list[_RegOp] = field(default_factory=list)  # what `stuck` indexes
+    window: tuple[int, int] | None = None  # history indices, if a window failed
 
 
-class _TimeUp(Exception):
-    pass
-
-
-def _register_ops(pairs: list[tuple[Op, Op | None]]) -> tuple[list[_RegOp], Counter[str]]:
-    """The operations of one key that constrain it, and what was dropped."""
-    counts: Counter[str] = Counter()
+def _register_ops(pairs: list[tuple[Op, Op | None]], counts: Counter[str]) -> list[_RegOp]:
+    """The operations of one key that constrain it, in invocation order."""
     ops: list[_RegOp] = []
     for inv, done in pairs:
         outcome = done.type if done is not None else "info"
@@ -189,7 +230,7 @@ def _register_ops(pairs: list[tuple[Op, Op | None]]) -> tuple[list[_RegOp], Coun
                 swapped = bool(done.extra.get("swapped", True))
             kind = _CAS if swapped else _CAS_NO_SWAP
             ops.append(_RegOp(kind, expected, new, outcome == "ok", inv, done))
-    return _prune_unobserved(ops, counts), counts
+    return ops
 
 
 def _cas_args(inv: Op) -> tuple[Hashable, Hashable]:
@@ -199,37 +240,106 @@ def _cas_args(inv: Op) -> tuple[Hashable, Hashable]:
     return _freeze(value[0]), _freeze(value[1])
 
 
-def _prune_unobserved(ops: list[_RegOp], counts: Counter[str]) -> list[_RegOp]:
-    """Drop optional writes whose value nothing could have observed.
+def _simplify(ops: list[_RegOp], counts: Counter[str] | None = None) -> list[_RegOp]:
+    """Copies of ``ops`` with unobservable values merged and useless ops dropped.
 
-    If an unknown-outcome write of ``v`` took effect in some linearization,
-    no read saw ``v`` and no cas expected it, so the next op to touch the
-    register after it is a plain write: removing it leaves a linearization.
-    A cas that returned "not swapped" observes inequality, so with one of
-    those on the key nothing is pruned.
+    Values that no read returned and no cas expected are indistinguishable to
+    every op (each one only compares the state with observed values), so they
+    all become :data:`_OPAQUE`: fewer states to tell apart. An optional write
+    of such a value is dropped when no cas returned "not swapped": if it took
+    effect, nothing saw it, and the next op to touch the register overwrote
+    it, so removing it leaves a linearization. (A "not swapped" cas observes
+    inequality, so with one of those the write is kept.)
     """
-    if any(op.kind == _CAS_NO_SWAP for op in ops):
-        return ops
-    observed = {op.arg for op in ops if op.kind in (_READ, _CAS)}
+    observed = {op.arg for op in ops if op.kind != _WRITE}
+    no_swap = any(op.kind == _CAS_NO_SWAP for op in ops)
     kept: list[_RegOp] = []
     for op in ops:
         written = op.arg if op.kind == _WRITE else op.new
-        if not op.required and op.kind in (_WRITE, _CAS) and written not in observed:
-            counts["pruned"] += 1
-            continue
-        kept.append(op)
+        if written not in observed and op.kind != _READ:
+            if not op.required and not no_swap:
+                if counts is not None:
+                    counts["pruned"] += 1
+                continue
+            written = _OPAQUE
+        if op.kind == _WRITE:
+            kept.append(_RegOp(_WRITE, written, None, op.required, op.invoke, op.completion))
+        elif op.kind == _READ:
+            kept.append(_RegOp(_READ, op.arg, None, True, op.invoke, op.completion))
+        else:
+            kept.append(_RegOp(op.kind, op.arg, written, op.required, op.invoke, op.completion))
     return kept
 
 
-def _search(ops: list[_RegOp], initial: Hashable, time_up: Callable[[], bool]) -> _KeyOutcome:
+def _initial(ops: list[_RegOp]) -> Hashable:
+    return None if any(op.arg is None for op in ops if op.kind != _WRITE) else _OPAQUE
+
+
+class _Windows:
+    """Windows of consecutive ops of one key (``ops`` in invocation order).
+
+    :meth:`ops` gives the ops of a window made at least as permissive as the
+    full history when started from :data:`_ANY`, so a window that cannot be
+    linearized proves the history cannot. Ops that returned before the window
+    are summed up by the unknown initial value. Ops invoked after it are left
+    out, so only window ops that returned before the next invocation (they
+    precede everything left out) keep their result; the others, and ops
+    still open when the window starts, may or may not take effect (reads and
+    "not swapped" cas among them observe nothing). Unknown-outcome ops
+    invoked before the window may still take effect in it.
+    """
+
+    def __init__(self, ops: list[_RegOp]) -> None:
+        self._ops = ops
+        self._optional = [p for p, op in enumerate(ops) if not op.required]
+        self._open_at: list[list[int]] = []  # required ops still open at each invocation
+        still_open: list[tuple[int, int]] = []  # (return index, position)
+        for p, op in enumerate(ops):
+            call = op.invoke.index
+            still_open = [(ret, q) for ret, q in still_open if ret > call]
+            self._open_at.append([q for _, q in still_open])
+            if op.required:
+                assert op.completion is not None
+                still_open.append((op.completion.index, p))
+
+    def ops(self, start: int, end: int) -> list[_RegOp]:
+        """The relaxed ops of the window ``start:end`` (positions in ``ops``)."""
+        ops = self._ops
+        until = ops[end].invoke.index if end < len(ops) else math.inf
+        picked = [ops[p] for p in self._optional[: bisect.bisect_left(self._optional, start)]]
+        for p in self._open_at[start]:
+            if ops[p].kind in (_WRITE, _CAS):
+                picked.append(_as_optional(ops[p]))
+        for op in ops[start:end]:
+            ended = op.completion.index if op.required and op.completion else math.inf
+            if not op.required or ended < until:
+                picked.append(op)
+            elif op.kind in (_WRITE, _CAS):
+                picked.append(_as_optional(op))
+        return picked
+
+
+def _as_optional(op: _RegOp) -> _RegOp:
+    return _RegOp(op.kind, op.arg, op.new, False, op.invoke, op.completion)
+
+
+def _search(
+    ops: list[_RegOp],
+    initial: Hashable,
+    time_up: Callable[[], bool],
+    max_steps: float = math.inf,
+) -> _KeyOutcome:
     """Wing-Gong-Lowe search with Porcupine's cache over one register's ops.
 
     Required (``ok``) ops live in a doubly linked list of call and return
     entries. Optional (unknown-outcome) ops have no return entry; they are
     tried only at a dead end (a return entry reached), among those invoked
-    before it. The cache maps (required bitmask, state) to the optional
-    bitmasks seen with it; a configuration is skipped when a seen one used a
-    subset of its optional ops: an optional op left pending only adds options.
+    before it, one per distinct effect (ops with the same effect are
+    interchangeable once invoked). The cache maps (required bitmask, state)
+    to the optional bitmasks seen with it; a configuration is skipped when a
+    seen one used a subset of its optional ops: an optional op left pending
+    only adds options. ``initial`` may be :data:`_ANY` (window searches).
+    Gives ``"unknown"`` after ``max_steps`` steps or when ``time_up()``.
     """
     required_ops = [i for i, op in enumerate(ops) if op.required]
     optional_ops = sorted(
@@ -264,6 +374,7 @@ def _search(ops: list[_RegOp], initial: Hashable, time_up: Callable[[], bool]) -
     args = [op.arg for op in ops]
     news = [op.new for op in ops]
     opt_at = [ops[i].invoke.index for i in optional_ops]
+    opt_effect = [(kinds[i], args[i], news[i]) for i in optional_ops]
     n_opt = len(optional_ops)
 
     cache: dict[tuple[int, Hashable], list[int]] = {}
@@ -277,7 +388,7 @@ def _search(ops: list[_RegOp], initial: Hashable, time_up: Callable[[], bool]) -
     cur = nxt[head]
     opt_from = 0  # where the optional scan resumes after backtracking over one
     steps = 0
-    next_check = 1024
+    next_check = min(1024, max_steps)
     best: _Stuck | None = None
 
     def fresh(req: int, new_state: Hashable, opt: int) -> bool:
@@ -296,17 +407,17 @@ def _search(ops: list[_RegOp], initial: Hashable, time_up: Callable[[], bool]) -
         steps += 1
         if steps >= next_check:
             next_check = steps + 1024
-            if time_up():
+            if steps > max_steps or time_up():
                 return _KeyOutcome(UNKNOWN, steps, cache_size)
         if is_call[cur]:
             i = node_op[cur]
             kind = kinds[i]
             if kind == _READ:
-                ok, new_state = state == args[i], state
+                ok, new_state = state == args[i] or state is _ANY, args[i]
             elif kind == _WRITE:
                 ok, new_state = True, args[i]
             elif kind == _CAS:
-                ok, new_state = state == args[i], news[i]
+                ok, new_state = state == args[i] or state is _ANY, news[i]
             else:
                 ok, new_state = state != args[i], state
             if ok and fresh(req_bits | node_bit[cur], new_state, opt_bits):
@@ -328,14 +439,16 @@ def _search(ops: list[_RegOp], initial: Hashable, time_up: Callable[[], bool]) -
         bound = node_at[cur]
         j = opt_from
         opt_from = 0
+        tried = {opt_effect[k] for k in range(j) if not (opt_bits >> k) & 1}
         while j < n_opt and opt_at[j] < bound:
-            if not (opt_bits >> j) & 1:
+            if not (opt_bits >> j) & 1 and opt_effect[j] not in tried:
+                tried.add(opt_effect[j])
                 steps += 1
                 i = optional_ops[j]
                 if kinds[i] == _WRITE:
                     ok, new_state = True, args[i]
                 else:
-                    ok, new_state = state == args[i], news[i]
+                    ok, new_state = state == args[i] or state is _ANY, news[i]
                 if ok and fresh(req_bits, new_state, opt_bits | (1 << j)):
                     break
             j += 1
@@ -362,7 +475,7 @@ def _search(ops: list[_RegOp], initial: Hashable, time_up: Callable[[], bool]) -
                 ][-4:],
             )
         if not stack:
-            return _KeyOutcome(False, steps, cache_size, best)
+            return _KeyOutcome(False, steps, cache_size, best, ops)
         node, j, state = stack.pop()
         if j >= 0:
             opt_bits &= ~(1 << j)
@@ -392,6 +505,37 @@ def _candidates(
     return found
 
 
+def _check_key(raw: list[_RegOp], time_up: Callable[[], bool], counts: Counter[str]) -> _KeyOutcome:
+    """Decide one register: bounded full search, then small windows, then full search."""
+    if time_up():
+        return _KeyOutcome(UNKNOWN, 0, 0)
+    ops = _simplify(raw, counts)
+    initial = _initial(ops)
+    first = _search(ops, initial, time_up, _FIRST_PASS_STEPS_PER_OP * len(ops) + 10_000)
+    if first.valid != UNKNOWN or time_up():
+        return first
+    steps, cache = first.steps, first.cache
+    windows = _Windows(raw)
+    for size in _WINDOW_SIZES:
+        if size >= len(raw):
+            break
+        for start in range(0, len(raw) - size // 2, size // 2):
+            if time_up():
+                return _KeyOutcome(UNKNOWN, steps, cache)
+            end = min(start + size, len(raw))
+            window = _simplify(windows.ops(start, end))
+            found = _search(window, _ANY, time_up, _WINDOW_STEPS_PER_OP * len(window) + 1_000)
+            counts["windows_searched"] += 1
+            steps, cache = steps + found.steps, max(cache, found.cache)
+            if found.valid is False:
+                found.steps, found.cache = steps, cache
+                found.window = (raw[start].invoke.index, raw[end - 1].invoke.index)
+                return found
+    full = _search(ops, initial, time_up)
+    full.steps += steps
+    return full
+
+
 def _describe(op: _RegOp) -> str:
     done = op.completion
     outcome = done.type if done is not None else "info"
@@ -419,12 +563,19 @@ def check_linearizable(
     ``[expected, new]`` and completes ``ok`` with ``swapped=True|False`` in
     its extra (missing means True), or ``fail`` if it certainly did nothing.
 
-    ``time_limit`` (seconds, measured with ``clock``) bounds the whole check;
-    when it runs out, keys not yet decided make the result ``"unknown"``,
-    never ``True``. On failure ``details["failures"]`` describes, per failing
-    key, the deepest partial linearization found: its last ops, the register
-    value there, the op that could not take effect before it returned, and the
-    concurrent ops that were tried; ``failing`` holds those entries.
+    Per key: a full search bounded in steps (enough for valid histories);
+    if undecided, windows of 16, 64, 256, 1024 ops are searched from an
+    unknown initial value (a window that cannot be linearized proves the
+    history cannot, and is a small failing window for the report); then the
+    full search without a step bound. ``time_limit`` (seconds, measured with
+    ``clock``) bounds the whole check: keys not decided in time make the
+    result ``"unknown"``, never ``True``.
+
+    On failure ``details["failures"]`` describes, per failing key, the
+    deepest partial linearization found (of the whole key, or of the failing
+    ``window``): its last ops, the register value there, the op that could not
+    take effect before it returned, and the concurrent ops that were tried;
+    ``failing`` holds those entries.
 
     Raises ``ValueError`` for another ``model`` or a malformed ``cas`` value.
     """
@@ -447,27 +598,30 @@ def check_linearizable(
     verdicts: list[Validity] = []
     for key in sorted(by_key, key=lambda k: (k is not None, k or "")):
         pairs = by_key[key]
-        reg_ops, key_counts = _register_ops(pairs)
+        key_counts: Counter[str] = Counter()
+        raw = _register_ops(pairs, key_counts)
+        outcome = _check_key(raw, time_up, key_counts)
         counts.update(key_counts)
         counts["ops"] += len(pairs)
-        row: dict[str, Any] = {
-            "key": key,
-            "ops": len(pairs),
-            "searched": len(reg_ops),
-            "pruned": key_counts["pruned"],
-            "max_concurrency": _max_concurrency(reg_ops),
-        }
-        outcome = _KeyOutcome(UNKNOWN, 0, 0) if time_up() else _search(reg_ops, None, time_up)
-        row.update(valid=outcome.valid, steps=outcome.steps, cache=outcome.cache)
-        key_rows.append(row)
-        verdicts.append(outcome.valid)
         counts["search_steps"] += outcome.steps
+        key_rows.append(
+            {
+                "key": key,
+                "ops": len(pairs),
+                "max_concurrency": _max_concurrency(raw),
+                "pruned": key_counts["pruned"],
+                "valid": outcome.valid,
+                "steps": outcome.steps,
+                "cache": outcome.cache,
+            }
+        )
+        verdicts.append(outcome.valid)
         if outcome.valid is False:
             assert outcome.stuck is not None
-            info = _failure_info(key, reg_ops, outcome.stuck)
-            failures.append(info["summary"])
+            summary, ops = _failure_info(key, outcome)
+            failures.append(summary)
             if not failing:
-                failing = info["ops"]
+                failing = ops
     counts["keys"] = len(by_key)
     counts["keys_invalid"] = sum(1 for v in verdicts if v is False)
     counts["keys_unknown"] = sum(1 for v in verdicts if v == UNKNOWN)
@@ -504,30 +658,49 @@ def _max_concurrency(ops: list[_RegOp]) -> int:
     return peak
 
 
-def _failure_info(key: str | None, ops: list[_RegOp], stuck: _Stuck) -> dict[str, Any]:
+def _failure_info(key: str | None, outcome: _KeyOutcome) -> tuple[dict[str, Any], list[Op]]:
+    stuck, ops = outcome.stuck, outcome.ops
+    assert stuck is not None
     stuck_op = ops[stuck.stuck] if stuck.stuck >= 0 else None
     others = [ops[i] for i in stuck.candidates if i != stuck.stuck]
     tail = [ops[i] for i in stuck.tail]
-    state = stuck.state
-    what = f"after {stuck.depth} ops linearized the register holds {_thaw(state)!r}"
+    state = _shown_state(stuck.state, tail)
+    where = ""
+    if outcome.window is not None:
+        where = f"in the window of ops #{outcome.window[0]}..#{outcome.window[1]}, "
+    what = f"{where}after {stuck.depth} ops linearized the register holds {state!r}"
     if stuck_op is not None:
         what += f"; {_describe(stuck_op)} cannot take effect before it returns"
     if others:
         what += ", nor can any concurrent op first: " + ", ".join(_describe(o) for o in others)
-    explanation = f"key {key!r} is not linearizable: {what}"
     window_ops: list[Op | None] = []
     for op in [*tail, *others, *([stuck_op] if stuck_op else [])]:
         window_ops += [op.invoke, op.completion]
     summary = {
         "key": key,
+        "window": list(outcome.window) if outcome.window else None,
         "linearized": stuck.depth,
-        "state": _thaw(state),
+        "state": state,
         "last_linearized": [o.invoke.index for o in tail],
         "stuck": stuck_op.invoke.index if stuck_op else None,
         "concurrent": [o.invoke.index for o in others],
-        "explanation": explanation,
+        "explanation": f"key {key!r} is not linearizable: {what}",
     }
-    return {"summary": summary, "ops": _window(window_ops)}
+    return summary, _in_order(window_ops)
+
+
+def _shown_state(state: Hashable, tail: list[_RegOp]) -> Any:
+    """The register value for a person: an opaque value is the last one written."""
+    if state is _OPAQUE:
+        for op in reversed(tail):
+            if op.kind == _WRITE:
+                return op.invoke.value
+            if op.kind == _CAS:
+                return op.invoke.value[1]
+        return repr(state)
+    if state is _ANY:
+        return repr(state)
+    return _thaw(state)
 
 
 def _thaw(value: Any) -> Any:
@@ -556,8 +729,7 @@ class _Sent:
 class _Seen:
     """Observations of one message (identity) at one recipient."""
 
-    first_pos: tuple[int, int]
-    deliveries: Counter[str] = field(default_factory=Counter)  # mid -> deliver events
+    deliveries: dict[str, int] = field(default_factory=dict)  # mid -> deliver events
     mids: list[str] = field(default_factory=list)  # distinct mids, first-seen order
     ops: list[Op] = field(default_factory=list)
 
@@ -586,7 +758,10 @@ def check_messages(
     * ``send``: invoke value ``{"id", "from", "to", "body"}`` (``id`` is the
       client id; retries reuse it); ``ok`` with ``mid=...`` in its extra.
     * ``deliver``: an ``ok`` entry (see :meth:`History.observe`) with value
-      ``{"to", "mid", "from", "id"?, "body"?}``; ``to`` defaults to the key.
+      ``{"to", "mid", "from", "id"?, "body"?, "stream"?}``; ``to`` defaults to
+      the key. ``stream`` (in the value or the extra) names one subscription:
+      bump it when the subscriber reconnects, since the refetch after a
+      reconnect may interleave with new pushes.
     * ``drain``: ``ok`` with value = list of ``{"mid", "from", "id"?,
       "body"?}`` in inbox order; the recipient is the key (or ``"to"``). The
       last ``ok`` drain of a recipient is its final state.
@@ -598,7 +773,9 @@ def check_messages(
     ``dedup_by_mid=False`` also the same mid pushed twice), ``unexpected``
     (seen, never sent), ``failed_but_delivered``, ``misdelivered``,
     ``reordered`` (A acknowledged before B was invoked, same sender and
-    recipient, yet B seen first; the late message is counted), and in ``cp``
+    recipient, yet B before A in one stream: one drain, or the deliveries of
+    one recipient, process and ``stream``; the late message A is counted once;
+    order is not compared across streams), and in ``cp``
     mode ``multi_mid_acks`` (one client id acknowledged with two mids; in
     ``hardened_ap`` that is documented and only counted). In ``hardened_ap``
     a late message with a mid in ``allow_late_after_crash`` (its accepting
@@ -635,8 +812,8 @@ def check_messages(
     for inv, done in pairs:
         if inv.f != "send":
             continue
-        sender, cid, to = (_field(inv.value, k) for k in ("from", "id", "to"))
-        to = to if to is not None else inv.key
+        value = inv.value if isinstance(inv.value, dict) else {}
+        sender, cid, to = value.get("from"), value.get("id"), value.get("to", inv.key)
         if sender is None or cid is None:
             counts["malformed_sends"] += 1
             continue
@@ -644,7 +821,7 @@ def check_messages(
         sent = sends.get(ident)
         if sent is None:
             sent = sends[ident] = _Sent(ident, to, inv.index)
-            body = _field(inv.value, "body")
+            body = value.get("body")
             if body is not None:
                 by_body[(sender, to, _freeze(body))].add(ident)
         outcome = done.type if done is not None else "info"
@@ -668,59 +845,66 @@ def check_messages(
     drained: set[Any] = set()
     unexpected_seen: set[tuple[Any, Any, Any]] = set()
 
-    def resolve(item: Any, to: Any) -> tuple[Any, Any] | None:
-        sender, cid, mid = _field(item, "from"), _field(item, "id"), _field(item, "mid")
+    def observe(item: Any, to: Any, op: Op, offset: int, stream: tuple[Any, ...]) -> None:
+        """One message seen at ``to``: matched by (from, id), acked mid, or body."""
+        item = item if isinstance(item, dict) else {}
+        n_observations[0] += 1
+        sender, cid, mid = item.get("from"), item.get("id"), item.get("mid")
+        ident: tuple[Any, Any] | None = None
         if sender is not None and cid is not None:
-            return (sender, cid)
-        if mid is not None and mid in mid_owner:
-            return mid_owner[mid]
-        body = _field(item, "body")
-        if body is not None:
-            matches = by_body.get((sender, to, _freeze(body)), set())
+            ident = (sender, cid)
+        elif mid is not None and mid in mid_owner:
+            ident = mid_owner[mid]
+        elif item.get("body") is not None:
+            matches = by_body.get((sender, to, _freeze(item["body"])), set())
             if len(matches) == 1:
-                return next(iter(matches))
-        return None
-
-    def observe(item: Any, to: Any, op: Op, offset: int, pushed: bool) -> None:
-        counts["observations"] += 1
-        mid = _field(item, "mid")
-        ident = resolve(item, to)
+                ident = next(iter(matches))
         if ident is None or ident not in sends:
             key = (to, mid, ident)
             if key not in unexpected_seen:
                 unexpected_seen.add(key)
                 report("unexpected", {"to": to, "mid": mid, "item": item}, [op])
             return
-        obs = seen[to].get(ident)
+        table = seen[to]
+        obs = table.get(ident)
         if obs is None:
-            obs = seen[to][ident] = _Seen((op.index, offset))
+            obs = table[ident] = _Seen()
         if mid is not None:
             if mid not in obs.mids:
                 obs.mids.append(mid)
-            if pushed:
-                obs.deliveries[mid] += 1
+            if stream[0] == "push":
+                obs.deliveries[mid] = obs.deliveries.get(mid, 0) + 1
+        in_stream = streams[(stream, ident[0], to)]
+        if ident not in in_stream:
+            in_stream[ident] = (op.index, offset)
         if len(obs.ops) < 4:
             obs.ops.append(op)
 
+    n_observations = [0]
+    # (stream, sender, recipient) -> first position of each message in that stream
+    streams: dict[tuple[Hashable, Any, Any], dict[tuple[Any, Any], tuple[int, int]]]
+    streams = defaultdict(dict)
     for _, done in pairs:
         if done is None or done.type != "ok":
             continue
         if done.f == "deliver":
-            to = _field(done.value, "to")
-            observe(done.value, to if to is not None else done.key, done, 0, True)
+            value = done.value if isinstance(done.value, dict) else {}
+            to = value.get("to", done.key)
+            stream = ("push", to, done.process, value.get("stream", done.extra.get("stream")))
+            observe(value, to, done, 0, stream)
         elif done.f == "drain":
             items = done.value if isinstance(done.value, list) else []
             for offset, item in enumerate(items):
-                to = _field(item, "to")
-                observe(item, to if to is not None else done.key, done, offset, False)
+                to = item.get("to", done.key) if isinstance(item, dict) else done.key
+                observe(item, to, done, offset, ("drain", done.index))
             drained.add(done.key)
+    counts["observations"] = n_observations[0]
 
     # --- classify every message
     seen_at: dict[tuple[Any, Any], list[Any]] = defaultdict(list)
     for to, table in seen.items():
         for ident in table:
             seen_at[ident].append(to)
-    positions: dict[tuple[Any, Any], list[tuple[_Sent, tuple[int, int]]]] = defaultdict(list)
     for ident, sent in sends.items():
         mids_text = {"from": ident[0], "id": ident[1], "to": sent.to, "mids": sent.mids}
         if len(sent.mids) > 1:
@@ -757,10 +941,11 @@ def check_messages(
             else:
                 example = {**mids_text, "pushed": dict(obs.deliveries)}
                 report("duplicated", example, obs.ops, repeats)
-        positions[(ident[0], sent.to)].append((sent, obs.first_pos))
 
-    # --- order per sender -> recipient: A acked before B invoked, B seen first
-    for (sender, to), items in positions.items():
+    # --- order per stream and sender -> recipient: A acked before B invoked, B seen first
+    flagged: set[tuple[Any, Any]] = set()
+    for (_, sender, to), firsts in streams.items():
+        items = [(sends[i], pos) for i, pos in firsts.items() if sends[i].to == to]
         by_invoke = sorted(items, key=lambda item: item[0].first_invoke)
         invokes = [s.first_invoke for s, _ in by_invoke]
         suffix_min: list[tuple[tuple[int, int], int]] = [(_NEVER, -1)] * (len(by_invoke) + 1)
@@ -771,8 +956,9 @@ def check_messages(
                 continue
             j = bisect.bisect_right(invokes, a.acked_at)
             b_pos, b_at = suffix_min[j]
-            if b_at < 0 or not b_pos < a_pos:
+            if b_at < 0 or not b_pos < a_pos or a.ident in flagged:
                 continue
+            flagged.add(a.ident)
             b = by_invoke[b_at][0]
             example = {
                 "from": sender,
@@ -812,7 +998,8 @@ def check_messages(
             f"{counts['sent_ok']} acknowledged messages all delivered once, in order "
             f"({counts['recovered']} unknown-outcome sends recovered, {counts['late']} late)"
         )
-    for k in [*violations, "late", "recovered", "unverified", "delivered", "redelivered"]:
+    informational = ["late", "recovered", "unverified", "delivered", "redelivered"]
+    for k in [*violations, *informational, "multi_mid_acks"]:
         counts.setdefault(k, 0)
     details: dict[str, Any] = {
         "mode": mode,
@@ -821,7 +1008,7 @@ def check_messages(
             :_MAX_EXAMPLES
         ],
     }
-    return CheckResult("messages", valid, dict(counts), details, _window(failing), message)
+    return CheckResult("messages", valid, dict(counts), details, _in_order(failing), message)
 
 
 # ====================================================================== revocations
@@ -939,7 +1126,7 @@ def check_revocations(history: History) -> CheckResult:
             f"started after revocation #{v['revoke']} completed (#{v['revoked_at']})"
         )
     details = {"violations": violations}
-    return CheckResult("revocations", valid, dict(counts), details, _window(failing), message)
+    return CheckResult("revocations", valid, dict(counts), details, _in_order(failing), message)
 
 
 # ====================================================================== replicas

@@ -289,8 +289,8 @@ class LocalCluster:
         return _tail(self.cores[index].log_path, lines)
 
     async def start_all(self) -> None:
+        await self.start_links()  # proxies first: their ports go into the configs
         self.write_configs()
-        await self.start_links()
         async with trio.open_nursery() as n:
             for i in range(len(self.cores)):
                 n.start_soon(self.start, i)

@@ -173,7 +173,7 @@ class Nemesis:
         else:
             raise ValueError(f"unknown fault {kind!r}")
         self.active = kind
-        self.history.nemesis("start", {"fault": kind, "detail": desc})
+        self.history.nemesis("start", {"name": kind, "detail": desc})
         logger.info("fault %s: %s", kind, desc)
 
     async def heal(self) -> None:
@@ -197,7 +197,7 @@ class Nemesis:
             cl.env_for = {}
             for i in targets:
                 await cl.start(i)
-        self.history.nemesis("heal", {"fault": kind})
+        self.history.nemesis("stop", {"name": kind})
         logger.info("healed %s", kind)
         self.active = None
 

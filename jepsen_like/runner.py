@@ -190,7 +190,8 @@ async def run_scenario(
             skipped = str(exc)
         if skipped is None:
             await cluster.wait_leader(timeout=30)
-            history.start_clock()
+            history = History()
+            nemesis.history = history
             phase = ["running"]
             started = trio.current_time()
             until = started + duration

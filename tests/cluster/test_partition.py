@@ -125,6 +125,9 @@ async def test_cp_isolated_core_refuses_writes_and_linearizable_reads(
                     await core_call(cluster, i, "get", {"key": "k", "linearizable": True}) == "new"
                 )
 
+            # Canary: the isolated core does hold the stale value (an explicit local
+            # read shows it), so only the read barrier keeps it from being served.
+            assert await _local_get(cluster, x, "k") == "old"
             # The isolated core: writes and linearizable reads fail fast, never stale.
             refused = []
             for n in range(3):

@@ -9,6 +9,7 @@ pass, and the same histories with one stale read injected must fail.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -26,6 +27,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from jepsen_like import checkers as _checkers  # noqa: E402
 from jepsen_like.checkers import (  # noqa: E402
     UNKNOWN,
     availability,
@@ -468,13 +470,14 @@ def generate_history(
     return h
 
 
-def inject_stale_read(h: History, rng: random.Random) -> History | None:
+def inject_stale_read(h: History, rng: random.Random) -> tuple[History, Op] | None:
     """Make one ok read return a value overwritten before the read started.
 
     Picks write W (or the initial None) and an ok write W2 of the same key
     with W done before W2 started and W2 done before the read R started; as
     written values are unique, nothing else writes W's value, so R seeing it
-    cannot be linearized. None if the history has no such triple.
+    cannot be linearized. Returns the new history and the changed completion,
+    or None if the history has no such triple.
     """
     pairs = h.pairs()
     writes = [
@@ -493,7 +496,7 @@ def inject_stale_read(h: History, rng: random.Random) -> History | None:
                 continue
             ops = list(h)
             ops[r_done.index] = dataclasses.replace(r_done, value=stale)
-            return History.from_ops(ops)
+            return History.from_ops(ops), ops[r_done.index]
     return None
 
 
@@ -512,11 +515,12 @@ def test_generated_histories_are_linearizable_and_a_stale_read_is_caught(
     h = generate_history(rng, n_ops, concurrency, keys)
     good = check_linearizable(h)
     assert good.valid is True, good.message
-    bad = inject_stale_read(h, rng)
-    if bad is not None:
+    injected = inject_stale_read(h, rng)
+    if injected is not None:
+        bad, stale = injected
         result = check_linearizable(bad)
         assert result.valid is False
-        assert result.failing and result.details["failures"]
+        assert stale in result.failing
 
 
 def reference_linearizable(h: History) -> bool:
@@ -589,6 +593,42 @@ def test_search_agrees_with_brute_force(h: History) -> None:
     assert check_linearizable(h).valid is reference_linearizable(h)
 
 
+@settings(max_examples=300, deadline=None)
+@given(small_histories())
+def test_a_failing_window_proves_the_history_fails(h: History) -> None:
+    """The window relaxation is sound: a window that cannot be linearized from any
+    initial value means the whole history cannot be linearized either."""
+    raw = _checkers._register_ops(h.pairs(), collections.Counter())
+    windows = _checkers._Windows(raw)
+    refuted = [
+        (start, end)
+        for start in range(len(raw))
+        for end in range(start + 1, len(raw) + 1)
+        if _checkers._search(
+            _checkers._simplify(windows.ops(start, end)), _checkers._ANY, lambda: False
+        ).valid
+        is False
+    ]
+    if refuted:
+        assert reference_linearizable(h) is False, refuted
+
+
+def test_windows_find_a_stale_read_the_bounded_search_cannot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = new_history()
+    run(h, 0, "write", "x", 1)
+    run(h, 0, "write", "x", 2)
+    stale = run(h, 1, "read", "x", None, out=1)
+    monkeypatch.setattr(_checkers, "_FIRST_PASS_STEPS_PER_OP", -10_000)  # skip the first pass
+    monkeypatch.setattr(_checkers, "_WINDOW_SIZES", (2,))
+    result = check_linearizable(h)
+    assert result.valid is False and result.counts["windows_searched"] >= 1
+    failure = result.details["failures"][0]
+    assert failure["window"] is not None and "in the window of ops" in result.message
+    assert stale in result.failing
+
+
 def test_generated_history_with_more_info_ops() -> None:
     for seed in range(20):
         h = generate_history(random.Random(seed), 150, 5, ("x", "y"), info_rate=0.15)
@@ -603,11 +643,15 @@ def test_performance_5000_ops_at_concurrency_5() -> None:
     print(f"\nlinearizability: {len(h)} entries, 5000 ops, concurrency 5: {elapsed:.3f} s, "
           f"{result.counts['search_steps']} steps")
     assert result.valid is True
-    bad = inject_stale_read(h, random.Random(1))
-    assert bad is not None
+    injected = inject_stale_read(h, random.Random(1))
+    assert injected is not None
+    bad, stale = injected
     started = time.perf_counter()
-    assert check_linearizable(bad).valid is False
-    print(f"linearizability: same with one stale read: {time.perf_counter() - started:.3f} s")
+    result = check_linearizable(bad)
+    elapsed = time.perf_counter() - started
+    print(f"linearizability: same with one stale read: {elapsed:.3f} s; {result.message}")
+    assert result.valid is False and stale in result.failing
+    assert len(result.failing) <= 20
 
 
 # ====================================================================== messages
@@ -764,6 +808,25 @@ def test_reordered_messages() -> None:
     send(h2, 0, "c2", "bob", mid="m2")
     drain(h2, "bob", [{"mid": "m2", "from": "alice"}, {"mid": "m1", "from": "alice"}])
     assert check_messages(h2).counts["reordered"] == 1
+
+
+def test_order_is_compared_within_one_stream_only() -> None:
+    h = new_history()
+    send(h, 0, "c1", "bob", mid="m1")  # pushed while bob's subscriber was away
+    send(h, 0, "c2", "bob", mid="m2")
+    deliver(h, "bob", "m2", "c2", stream=2)  # pushed on the new subscription...
+    deliver(h, "bob", "m1", "c1", stream=2)  # ...and the refetch, on the same one: late
+    deliver(h, "carl", "m1", "c1")  # noise for another recipient is left alone
+    drain(h, "bob", [{"mid": "m2", "from": "alice"}, {"mid": "m1", "from": "alice"}])
+    result = check_messages(h)
+    assert result.counts["reordered"] == 1  # once, though two streams show it
+    h2 = new_history()
+    send(h2, 0, "c1", "bob", mid="m1")
+    send(h2, 0, "c2", "bob", mid="m2")
+    deliver(h2, "bob", "m2", "c2", stream=2)  # new pushes first...
+    deliver(h2, "bob", "m1", "c1", stream=3)  # ...the refetch on another subscription
+    drain(h2, "bob", [])
+    assert check_messages(h2).valid is True
 
 
 def test_concurrent_sends_may_arrive_in_either_order() -> None:
