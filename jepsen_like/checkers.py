@@ -1208,15 +1208,17 @@ def availability(history: History) -> CheckResult:
     """How many operations succeeded during each fault window and outside all.
 
     An operation belongs to a window if it was invoked at or after the
-    window's start and before its end. Informational: ``valid`` is always
-    True; the table is ``details["windows"]`` and ``details["outside"]``.
+    window's start and before its end (None: never healed). Informational:
+    ``valid`` is always True; the table is ``details["windows"]`` and
+    ``details["outside"]``.
     """
     pairs = [(inv, done) for inv, done in history.pairs() if inv.f != "nemesis"]
     windows = history.fault_windows()
     rows: list[dict[str, Any]] = []
     inside: set[int] = set()
     for start, end, name in windows:
-        members = [(i, d) for i, d in pairs if start <= i.time < end]
+        until = math.inf if end is None else end
+        members = [(i, d) for i, d in pairs if start <= i.time < until]
         inside.update(i.index for i, _ in members)
         row = {"name": name, "start": start, "end": end, **_tally(members)}
         rows.append(row)

@@ -232,11 +232,12 @@ class History:
         self, process: int, f: str, key: str | None = None, value: Any = None, **extra: Any
     ) -> Op:
         """Record something ``process`` saw happen (e.g. ``"deliver"``) as an
-        invocation immediately followed by its ``ok``; returns the ``ok`` entry.
+        invocation immediately followed by its ``ok`` (both carry ``value`` and
+        ``extra``); returns the ``ok`` entry.
 
         Raises :class:`HistoryError` like :meth:`invoke`.
         """
-        return self.complete(self.invoke(process, f, key, value, **extra), "ok")
+        return self.complete(self.invoke(process, f, key, value, **extra), "ok", **extra)
 
     def nemesis(self, f: str, value: Any = None, **extra: Any) -> Op:
         """Record a fault event: ``f`` = ``"start"`` or ``"stop"`` (``"heal"``),
@@ -277,13 +278,13 @@ class History:
             last = max(last, op.time)
         return problems
 
-    def fault_windows(self) -> list[tuple[float, float, str]]:
+    def fault_windows(self) -> list[tuple[float, float | None, str]]:
         """``(start, end, name)`` of every fault, by start time.
 
-        A fault still active at the end of the history ends at ``math.inf``.
+        ``end`` is None for a fault never healed before the history ended.
         """
         open_faults: list[tuple[float, str]] = []
-        windows: list[tuple[float, float, str]] = []
+        windows: list[tuple[float, float | None, str]] = []
         for op in self._ops:
             if op.process != NEMESIS:
                 continue
@@ -300,8 +301,8 @@ class History:
                         windows.append((start, op.time, fault))
                         del open_faults[pos]
                         break
-        windows.extend((start, math.inf, fault) for start, fault in open_faults)
-        windows.sort(key=lambda w: (w[0], w[1]))
+        windows.extend((start, None, fault) for start, fault in open_faults)
+        windows.sort(key=lambda w: (w[0], math.inf if w[1] is None else w[1]))
         return windows
 
     # ------------------------------------------------------------ storage

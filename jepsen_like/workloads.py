@@ -200,9 +200,15 @@ async def _open_edge(url: str, token: str, user: str):  # type: ignore[no-untype
         edge = _Edge(ws, user)
         with trio.fail_after(5):
             welcome = await edge.receive()
+        if welcome.get("type") == "error":
+            raise Rejected(str(welcome.get("code")))
         if welcome.get("type") != "welcome":
             raise ConnectionError(f"not welcomed: {welcome}")
         yield edge
+
+
+class Rejected(ConnectionError):
+    """The edge refused the token (an ``error`` frame, then close 4001)."""
 
 
 @dataclass
@@ -419,6 +425,11 @@ class RevocationWorkload(Workload):
             with trio.fail_after(OP_TIMEOUT):
                 async with _open_edge(cluster.edges[edge_i].url, cluster.token(user, jti=jti), user):
                     pass
+        except Rejected as exc:
+            # token_revoked / auth_failed are definite; unavailable means unknown.
+            kind = "info" if str(exc) == "unavailable" else "fail"
+            history.complete(op, kind, op.value, error=str(exc))
+            return kind
         except ConnectionClosed as exc:
             code = exc.reason.code if exc.reason is not None else None
             kind = "fail" if code == 4001 else "info"
