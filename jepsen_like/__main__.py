@@ -15,7 +15,7 @@ import time
 
 import trio
 
-from .runner import SCENARIOS, SMOKE, RunResult, run_scenario
+from .runner import SCENARIOS, SMOKE, RunResult, choose_mechanism, run_scenario
 
 
 def _list(_: argparse.Namespace) -> int:
@@ -51,6 +51,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"unknown scenario(s): {', '.join(unknown)}; see `python -m jepsen_like list`", file=sys.stderr)
         return 2
     base = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
+    mechanism = choose_mechanism(args.mechanism)
+    print(f"partitions via: {mechanism}", file=sys.stderr)
     results: list[RunResult] = []
     for name in names:
         scenario = SCENARIOS[name]
@@ -65,7 +67,10 @@ def _run(args: argparse.Namespace) -> int:
                 out = os.path.join(base, f"{name}-{mode}-{nodes}n")
                 print(f"=== {name} ({mode}, {nodes} nodes) -> {out}", file=sys.stderr, flush=True)
                 result = trio.run(
-                    lambda: run_scenario(scenario, nodes=nodes, mode=mode, duration=args.time, seed=args.seed, out=out)
+                    lambda: run_scenario(
+                        scenario, nodes=nodes, mode=mode, duration=args.time, seed=args.seed, out=out,
+                        mechanism=mechanism,
+                    )
                 )
                 results.append(result)
                 print(open(os.path.join(out, "report.txt")).read(), flush=True)
@@ -106,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time", type=float, default=30.0, help="seconds of workload (default 30)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", help="output folder (default results/<timestamp>)")
+    p.add_argument(
+        "--mechanism", choices=("auto", "netns", "proxy"), default="auto",
+        help="how partitions are made: network namespaces + iptables (root) or per-link proxies",
+    )
     p.set_defaults(func=_run)
     p = sub.add_parser("check", help="re-check a stored history")
     p.add_argument("dir")

@@ -750,6 +750,7 @@ def check_messages(
     dedup_by_mid: bool = True,
     allow_late_after_crash: Collection[str] = (),
     require_final_drain: bool = True,
+    compare_push_order: bool = True,
 ) -> CheckResult:
     """Lost, duplicated, unexpected and reordered messages.
 
@@ -775,7 +776,8 @@ def check_messages(
     ``reordered`` (A acknowledged before B was invoked, same sender and
     recipient, yet B before A in one stream: one drain, or the deliveries of
     one recipient, process and ``stream``; the late message A is counted once;
-    order is not compared across streams), and in ``cp``
+    order is not compared across streams; with ``compare_push_order=False``
+    only drains, i.e. inbox order, count), and in ``cp``
     mode ``multi_mid_acks`` (one client id acknowledged with two mids; in
     ``hardened_ap`` that is documented and only counted). In ``hardened_ap``
     a late message with a mid in ``allow_late_after_crash`` (its accepting
@@ -874,9 +876,10 @@ def check_messages(
                 obs.mids.append(mid)
             if stream[0] == "push":
                 obs.deliveries[mid] = obs.deliveries.get(mid, 0) + 1
-        in_stream = streams[(stream, ident[0], to)]
-        if ident not in in_stream:
-            in_stream[ident] = (op.index, offset)
+        if stream[0] == "drain" or compare_push_order:
+            in_stream = streams[(stream, ident[0], to)]
+            if ident not in in_stream:
+                in_stream[ident] = (op.index, offset)
         if len(obs.ops) < 4:
             obs.ops.append(op)
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from .netns import NetnsNetwork
 from .proxy import LinkTable
 
 SECRET = "jepsen-like-cluster-secret-0123456789abcdef"
@@ -127,6 +128,7 @@ class LocalCluster:
         mode: str = "cp",
         secret: str | None = SECRET,
         proxies: bool = False,
+        netns: bool = False,
         edges: int = 0,
         cluster_options: dict[str, Any] | None = None,
         core_options: dict[str, Any] | None = None,
@@ -143,6 +145,7 @@ class LocalCluster:
         self.env_for: dict[int, dict[str, str]] = {}
         ports = allocate_ports(2 * nodes + edges, rng)
         self.cores: list[CoreProcess] = []
+        self.network: NetnsNetwork | None = NetnsNetwork(nodes) if netns else None
         self.edges: list[EdgeProcess] = [
             EdgeProcess(
                 index=j,
@@ -157,7 +160,17 @@ class LocalCluster:
         self._edge_options = dict(edge_options or {})
         self.jwt_secret = JWT_SECRET
         raft_nodes = [f"127.0.0.1:{ports[i]}" for i in range(nodes)]
-        self.links = LinkTable(raft_nodes) if proxies else None
+        rpcs = [f"127.0.0.1:{ports[nodes + i]}" for i in range(nodes)]
+        self.links: LinkTable | NetnsNetwork | None = None
+        self.mechanism = "none"
+        if self.network is not None:
+            raft_nodes = list(self.network.nodes)
+            rpcs = [f"{self.network.ip(i)}:{NetnsNetwork.RPC_PORT}" for i in range(nodes)]
+            self.links = self.network
+            self.mechanism = "network namespaces + iptables"
+        elif proxies:
+            self.links = LinkTable(raft_nodes)
+            self.mechanism = "per-link TCP proxies (PySyncObj transport dial map)"
         self._cluster_options = dict(cluster_options or {})
         self._core_options = dict(core_options or {})
         for i in range(nodes):
@@ -167,7 +180,7 @@ class LocalCluster:
                 CoreProcess(
                     index=i,
                     node=raft_nodes[i],
-                    rpc=f"127.0.0.1:{ports[nodes + i]}",
+                    rpc=rpcs[i],
                     data_dir=data_dir,
                     config_path=os.path.join(base_dir, f"core-{i}.toml"),
                     log_path=os.path.join(base_dir, f"core-{i}.log"),
@@ -196,7 +209,7 @@ class LocalCluster:
                 "data_dir": core.data_dir,
                 **self._core_options,
             }
-            if self.links is not None:
+            if isinstance(self.links, LinkTable):
                 core_table["raft_dial"] = self.links.dial_map(core.node)
             write_toml(
                 core.config_path,
@@ -224,8 +237,10 @@ class LocalCluster:
             )
 
     async def start_links(self) -> None:
-        if self.links is not None:
+        if isinstance(self.links, LinkTable):
             await self.links.start(self._nursery)
+        if self.network is not None:
+            await trio.to_thread.run_sync(self.network.setup)
 
     async def start(self, index: int, *, timeout: float = 30.0) -> CoreProcess:
         """Start core ``index`` and wait until it prints its ready line."""
@@ -243,8 +258,11 @@ class LocalCluster:
         core.paused = False
         extra = self.env_for.get(index, {}) if core.kind == "core" else {}
         env = {**os.environ, **self.env, **extra, "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "iris_edge", core.kind, "--config", core.config_path]
+        if self.network is not None and core.kind == "core":
+            argv = self.network.wrap(index, argv)
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "iris_edge", core.kind, "--config", core.config_path],
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -414,6 +432,8 @@ class LocalCluster:
             if core.process is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
                     await core.process.wait()
+        if self.network is not None:
+            self.network.teardown()
 
 
 def _tail(path: str, lines: int = 30) -> str:

@@ -35,7 +35,7 @@ import trio
 
 from .cluster import LocalCluster
 from .history import History
-from .proxy import LinkMode
+from .proxy import LinkMode, LinkTable
 
 logger = logging.getLogger("jepsen_like.nemesis")
 
@@ -71,8 +71,12 @@ class Nemesis:
     active: str | None = None
 
     def check_supported(self) -> None:
-        if self.kind in PARTITIONS | {"delay"} and self.cluster.links is None:
-            raise FaultUnavailable("partitions need the per-link proxies (proxies=True)")
+        if self.kind in PARTITIONS and self.cluster.links is None:
+            raise FaultUnavailable("partitions need per-link proxies or network namespaces")
+        if self.kind == "delay" and not isinstance(self.cluster.links, LinkTable):
+            raise FaultUnavailable(
+                "link delay needs the per-link proxies (this kernel has no netem); run with --mechanism proxy"
+            )
         if self.kind == "clock-skew" and faketime_library() is None:
             raise FaultUnavailable("libfaketime is not installed (Debian package 'faketime')")
         if self.kind in ("bridge", "majorities-ring") and len(self.cluster.cores) < 5:
@@ -88,6 +92,16 @@ class Nemesis:
             await trio.sleep(min(self.heal_time, max(0.0, until - trio.current_time())))
 
     # ---------------------------------------------------------------- faults
+
+    async def _links(self, method: str, *args: Any) -> None:
+        """Call the partition control; namespaces shell out, so off the event loop."""
+        links = self.cluster.links
+        assert links is not None
+        fn = getattr(links, method)
+        if isinstance(links, LinkTable):
+            fn(*args)
+        else:
+            await trio.to_thread.run_sync(fn, *args)
 
     async def _leader(self) -> int | None:
         try:
@@ -106,37 +120,33 @@ class Nemesis:
             self.rng.shuffle(shuffled)
             half = n // 2
             groups = [[nodes[i] for i in shuffled[:half]], [nodes[i] for i in shuffled[half:]]]
-            assert cl.links is not None
-            cl.links.partition(groups)
+            await self._links("partition", groups)
             desc = groups
         elif kind in ("isolate-one", "isolate-leader"):
             target = (await self._leader()) if kind == "isolate-leader" else None
             if target is None:
                 target = self.rng.randrange(n)
-            assert cl.links is not None
-            cl.links.isolate(nodes[target])
+            await self._links("isolate", nodes[target])
             desc = [nodes[target]]
         elif kind == "bridge":
             shuffled = list(range(n))
             self.rng.shuffle(shuffled)
             bridge = shuffled[0]
             a, b = shuffled[1 : 1 + (n - 1) // 2], shuffled[1 + (n - 1) // 2 :]
-            assert cl.links is not None
             for i in a:
                 for j in b:
-                    cl.links.cut(nodes[i], nodes[j])
+                    await self._links("cut", nodes[i], nodes[j])
             desc = {"bridge": nodes[bridge], "sides": [[nodes[i] for i in a], [nodes[j] for j in b]]}
         elif kind == "majorities-ring":
             order = list(range(n))
             self.rng.shuffle(order)
-            assert cl.links is not None
             # Each node keeps links to its two ring neighbours only: every node
             # sees a majority (itself + 2 of 5), but no two see the same one.
             keep = {frozenset((order[i], order[(i + 1) % n])) for i in range(n)}
             for i in range(n):
                 for j in range(i + 1, n):
                     if frozenset((i, j)) not in keep:
-                        cl.links.cut(nodes[i], nodes[j])
+                        await self._links("cut", nodes[i], nodes[j])
             desc = [nodes[i] for i in order]
         elif kind.startswith("kill"):
             targets = await self._targets(kind.removeprefix("kill-") or "one")
@@ -165,7 +175,7 @@ class Nemesis:
             desc = {"nodes": [nodes[i] for i in targets], "faketime": f"{offset} {rate}"}
             self._skewed = targets
         elif kind == "delay":
-            assert cl.links is not None
+            assert isinstance(cl.links, LinkTable)
             delay = self.rng.choice([0.05, 0.1, 0.2])
             for link in cl.links.links.values():
                 link.set_mode(LinkMode.PASS, delay=delay, jitter=delay / 2)
@@ -182,7 +192,7 @@ class Nemesis:
         kind = self.active
         cl = self.cluster
         if cl.links is not None:
-            cl.links.heal()
+            await self._links("heal")
         if kind.startswith("kill"):
             async with trio.open_nursery() as nursery:
                 for i in getattr(self, "_killed", []):
@@ -224,12 +234,3 @@ FAULTS = PARTITIONS | {
     "clock-skew",
     "delay",
 }
-
-
-def mechanism_name() -> str:
-    """How partitions are made here (reported in results)."""
-    return "per-link TCP proxies (PySyncObj transport dial map)"
-
-
-def iptables_available() -> bool:
-    return shutil.which("iptables") is not None and os.geteuid() == 0

@@ -33,7 +33,8 @@ import trio
 from . import checkers
 from .cluster import open_cluster
 from .history import History
-from .nemesis import FAULTS, FaultUnavailable, Nemesis, mechanism_name
+from .nemesis import FAULTS, FaultUnavailable, Nemesis
+from .netns import netns_available
 from .workloads import WORKLOADS, Workload
 
 logger = logging.getLogger("jepsen_like")
@@ -161,8 +162,18 @@ async def _progress(workload: Workload, nemesis: Nemesis, started: float, until:
         await trio.sleep(2.0)
 
 
+def choose_mechanism(requested: str) -> str:
+    """``netns`` when asked or (``auto``) when root with iproute2 + iptables, else ``proxy``."""
+    if requested == "proxy":
+        return "proxy"
+    problem = netns_available()
+    if requested == "netns" and problem is not None:
+        raise SystemExit(f"--mechanism netns is not possible here: {problem}")
+    return "netns" if problem is None else "proxy"
+
+
 async def run_scenario(
-    scenario: Scenario, *, nodes: int, mode: str, duration: float, seed: int, out: str
+    scenario: Scenario, *, nodes: int, mode: str, duration: float, seed: int, out: str, mechanism: str = "proxy"
 ) -> RunResult:
     """Run one scenario on a fresh cluster and write its results under ``out``."""
     os.makedirs(out, exist_ok=True)
@@ -177,12 +188,14 @@ async def run_scenario(
         os.path.join(out, "cluster"),
         nodes=nodes,
         mode=mode,
-        proxies=True,
+        proxies=mechanism == "proxy",
+        netns=mechanism == "netns",
         edges=workload.needs_edges,
         edge_options=EDGE_OPTIONS,
         env=env,
         rng=random.Random(seed),
     ) as cluster:
+        mechanism_used = cluster.mechanism
         nemesis = Nemesis(scenario.fault, cluster, history, random.Random(rng.random()))
         try:
             nemesis.check_supported()
@@ -224,7 +237,7 @@ async def run_scenario(
         nodes=nodes,
         seed=seed,
         out=out,
-        mechanism=mechanism_name(),
+        mechanism=mechanism_used,
         valid=valid,
         expected_valid=scenario.expect_valid,
         passed=passed,
