@@ -28,3 +28,11 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the packages."""
     session.install("-e", ".[test]", "mypy>=1.10")
     session.run("mypy")
+
+
+@nox.session
+def harness(session: nox.Session) -> None:
+    """Every fault-injection scenario, 3 and 5 nodes, both modes (long; not in CI)."""
+    session.install("-e", ".[test,plots]")
+    args = session.posargs or ["--scenario", "all", "--time", "30"]
+    session.run("python", "-m", "jepsen_like", "run", *args)

@@ -103,11 +103,12 @@ class LinkProxy:
         finally:
             self._streams.discard(client)
             self._streams.discard(upstream)
-            for s in (client, upstream):
-                try:
-                    s.socket.close()
-                except OSError:
-                    pass
+            with trio.CancelScope(shield=True):
+                for s in (client, upstream):
+                    try:
+                        await s.aclose()
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
 
 
 class LinkTable:
