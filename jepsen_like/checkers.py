@@ -46,7 +46,7 @@ import bisect
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Generator, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -329,6 +329,22 @@ def _search(
     time_up: Callable[[], bool],
     max_steps: float = math.inf,
 ) -> _KeyOutcome:
+    """Run :func:`_searching` to the end, or ``"unknown"`` once ``time_up()``."""
+    search = _searching(ops, initial, max_steps)
+    steps = 0
+    try:
+        while True:
+            steps = next(search)
+            if time_up():
+                return _KeyOutcome(UNKNOWN, steps, 0)
+    except StopIteration as done:
+        outcome: _KeyOutcome = done.value
+        return outcome
+
+
+def _searching(
+    ops: list[_RegOp], initial: Hashable, max_steps: float = math.inf
+) -> Generator[int, None, _KeyOutcome]:
     """Wing-Gong-Lowe search with Porcupine's cache over one register's ops.
 
     Required (``ok``) ops live in a doubly linked list of call and return
@@ -339,7 +355,10 @@ def _search(
     to the optional bitmasks seen with it; a configuration is skipped when a
     seen one used a subset of its optional ops: an optional op left pending
     only adds options. ``initial`` may be :data:`_ANY` (window searches).
-    Gives ``"unknown"`` after ``max_steps`` steps or when ``time_up()``.
+
+    A generator: yields the step count every 1024 steps or so, so callers can
+    interleave searches and stop them; returns the outcome (``"unknown"``
+    after ``max_steps`` steps).
     """
     required_ops = [i for i, op in enumerate(ops) if op.required]
     optional_ops = sorted(
@@ -407,8 +426,9 @@ def _search(
         steps += 1
         if steps >= next_check:
             next_check = steps + 1024
-            if steps > max_steps or time_up():
+            if steps > max_steps:
                 return _KeyOutcome(UNKNOWN, steps, cache_size)
+            yield steps
         if is_call[cur]:
             i = node_op[cur]
             kind = kinds[i]
@@ -506,34 +526,59 @@ def _candidates(
 
 
 def _check_key(raw: list[_RegOp], time_up: Callable[[], bool], counts: Counter[str]) -> _KeyOutcome:
-    """Decide one register: bounded full search, then small windows, then full search."""
+    """Decide one register.
+
+    The full search runs alone for a first pass (enough for most valid
+    histories), then alternates, 1024 steps each, with searches of windows
+    (16 ops, then 64, 256, 1024), until the full search decides or a window
+    fails: about twice the work of whichever is quicker.
+    """
     if time_up():
         return _KeyOutcome(UNKNOWN, 0, 0)
     ops = _simplify(raw, counts)
-    initial = _initial(ops)
-    first = _search(ops, initial, time_up, _FIRST_PASS_STEPS_PER_OP * len(ops) + 10_000)
-    if first.valid != UNKNOWN or time_up():
-        return first
-    steps, cache = first.steps, first.cache
+    full = _searching(ops, _initial(ops))
+    full_steps = window_steps = 0
+    first_pass = _FIRST_PASS_STEPS_PER_OP * len(ops)
     windows = _Windows(raw)
-    for size in _WINDOW_SIZES:
-        if size >= len(raw):
-            break
-        for start in range(0, len(raw) - size // 2, size // 2):
-            if time_up():
-                return _KeyOutcome(UNKNOWN, steps, cache)
-            end = min(start + size, len(raw))
-            window = _simplify(windows.ops(start, end))
-            found = _search(window, _ANY, time_up, _WINDOW_STEPS_PER_OP * len(window) + 1_000)
+    todo = (
+        (start, min(start + size, len(raw)))
+        for size in _WINDOW_SIZES
+        if size < len(raw)
+        for start in range(0, len(raw) - size // 2, size // 2)
+    )
+    window: Generator[int, None, _KeyOutcome] | None = None
+    bounds = (0, 0)
+    window_done = 0  # steps of the current window already counted
+    while True:
+        try:
+            full_steps = next(full)
+        except StopIteration as done:
+            outcome: _KeyOutcome = done.value
+            outcome.steps += window_steps
+            return outcome
+        if time_up():
+            return _KeyOutcome(UNKNOWN, full_steps + window_steps, 0)
+        if full_steps < first_pass:
+            continue
+        if window is None:
+            start, end = next(todo, (0, 0))
+            if start == end:
+                continue  # every window searched
+            bounds = (raw[start].invoke.index, raw[end - 1].invoke.index)
+            relaxed = _simplify(windows.ops(start, end))
+            window = _searching(relaxed, _ANY, _WINDOW_STEPS_PER_OP * len(relaxed) + 1_000)
+            window_done = 0
             counts["windows_searched"] += 1
-            steps, cache = steps + found.steps, max(cache, found.cache)
+        try:
+            now = next(window)
+            window_steps, window_done = window_steps + now - window_done, now
+        except StopIteration as done:
+            window = None
+            found: _KeyOutcome = done.value
+            window_steps += found.steps - window_done
             if found.valid is False:
-                found.steps, found.cache = steps, cache
-                found.window = (raw[start].invoke.index, raw[end - 1].invoke.index)
+                found.steps, found.window = full_steps + window_steps, bounds
                 return found
-    full = _search(ops, initial, time_up)
-    full.steps += steps
-    return full
 
 
 def _describe(op: _RegOp) -> str:

@@ -84,7 +84,7 @@ from ._ops import (
     decode_op,
     encode_batch,
     encode_op,
-    new_mid,
+    mid_for,
     new_op_id,
     send_op_id,
 )
@@ -614,7 +614,7 @@ class Node:
             if known is not None:
                 return SendResult(known[0], known[1], True)
             self._check_inbox_room(recipient, len(body))
-            op = Send(op_id, sender, recipient, body, new_mid(now), now)
+            op = Send(op_id, sender, recipient, body, mid_for(op_id), now)
             self._pending_sends[op_id] = (op.mid, op.ts)
             if _UNSAFE_ACK:
                 self._admit([op])
@@ -626,7 +626,7 @@ class Node:
                 self._pending_sends.pop(op_id, None)
                 raise
             return SendResult(op.mid, op.ts, False)
-        op = Send(op_id, sender, recipient, body, new_mid(now), now)
+        op = Send(op_id, sender, recipient, body, mid_for(op_id), now)
         (result,) = await self._write([op])
         mid, ts = self._raise_for(result)
         return SendResult(mid, ts, len(result) > 2)

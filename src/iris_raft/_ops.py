@@ -22,8 +22,8 @@ into an error *result* (apply itself never raises).
 
 from __future__ import annotations
 
+import hashlib
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -329,10 +329,14 @@ def new_op_id() -> str:
     return os.urandom(12).hex()
 
 
-def new_mid(now_ms: int | None = None) -> str:
-    """A message id: sortable by acceptance time, then random (26 hex chars)."""
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return f"{ms:012x}{os.urandom(7).hex()}"
+def mid_for(op_id: str) -> str:
+    """The message id of a send: derived from its operation id, 26 hex characters.
+
+    Every core computes the same mid for the same ``(sender, client id)``, so
+    a retry answered by another core (even in hardened_ap, before the first
+    core's WAL record reached Raft) reports the mid that will be stored.
+    """
+    return hashlib.blake2b(op_id.encode("utf-8", "surrogatepass"), digest_size=13).hexdigest()
 
 
 def check_text(name: str, value: object, *, max_bytes: int = MAX_ID_BYTES) -> str:

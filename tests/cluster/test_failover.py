@@ -163,16 +163,6 @@ async def test_hardened_ap_resend_after_a_core_died_with_an_undrained_ack(tmp_pa
             assert stored[0].mid == second["mid"], (first, second, stored)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug (hardened_ap): Node.send promises that repeating (sender, client_id) "
-        "'returns the original mid', but a core only consults its own pending WAL records and "
-        "its local replica (_node.py Node.send / _known_send), so a resend on another core "
-        "while the acknowledging core is down is acknowledged with a fresh mid; the first "
-        "acknowledged mid is then never stored"
-    ),
-)
 async def test_hardened_ap_resend_on_another_core_returns_the_original_mid(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with open_cluster(

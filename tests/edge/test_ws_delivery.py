@@ -339,7 +339,9 @@ async def test_inbox_full_when_over_the_cap_and_nothing_dropped(
                     assert [m["mid"] for m in got] == [a["mid"] for a in sent]
                     assert {a["code"] for a in refused} <= {"inbox_full"}, refused
                     assert [a["type"] for a in answers] == ["sent"] * INBOX_CAP + ["error"] * 3
-                    assert [a["id"] for a in refused] == [f"{bob}-{i}" for i in range(INBOX_CAP, INBOX_CAP + 3)]
+                    assert [a["id"] for a in refused] == [
+                        f"{bob}-{i}" for i in range(INBOX_CAP, INBOX_CAP + 3)
+                    ]
                     # Refused means not stored: once there is room, the retry is new and delivered.
                     await receiver.ack([m["mid"] for m in got])
                     await trio.sleep(ACK_BOUND)

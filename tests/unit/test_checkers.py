@@ -17,6 +17,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -623,20 +624,37 @@ def test_a_failing_window_proves_the_history_fails(h: History) -> None:
         assert reference_linearizable(h) is False, refuted
 
 
-def test_windows_find_a_stale_read_the_bounded_search_cannot(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    h = new_history()
-    run(h, 0, "write", "x", 1)
-    run(h, 0, "write", "x", 2)
-    stale = run(h, 1, "read", "x", None, out=1)
-    monkeypatch.setattr(_checkers, "_FIRST_PASS_STEPS_PER_OP", -10_000)  # skip the first pass
+def test_a_window_decides_when_the_full_search_is_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_searching = _checkers._searching
+
+    def slow_full_search(
+        ops: list[Any], initial: Any, max_steps: float = math.inf
+    ) -> Generator[int, None, Any]:
+        if initial is not _checkers._ANY:  # the full search: pretend it takes long
+            for _ in range(100):
+                yield 0
+        return (yield from real_searching(ops, initial, max_steps))
+
+    monkeypatch.setattr(_checkers, "_searching", slow_full_search)
+    monkeypatch.setattr(_checkers, "_FIRST_PASS_STEPS_PER_OP", 0)
     monkeypatch.setattr(_checkers, "_WINDOW_SIZES", (2,))
+    h = new_history()
+    for value in range(5):
+        run(h, 0, "write", "x", value)
+    run(h, 0, "write", "x", 10)
+    stale = run(h, 1, "read", "x", None, out=3)
+    run(h, 0, "write", "x", 11)
     result = check_linearizable(h)
     assert result.valid is False and result.counts["windows_searched"] >= 1
     failure = result.details["failures"][0]
-    assert failure["window"] is not None and "in the window of ops" in result.message
+    assert failure["window"] == [10, 12] and "in the window of ops #10..#12" in result.message
     assert stale in result.failing
+    # a valid history is still decided by the full search
+    h2 = new_history()
+    for value in range(5):
+        run(h2, 0, "write", "x", value)
+        run(h2, 1, "read", "x", None, out=value)
+    assert check_linearizable(h2).valid is True
 
 
 def test_generated_history_with_more_info_ops() -> None:
