@@ -32,8 +32,11 @@ def group_configs(data_dir: str, nodes: int) -> list[IrisConfig]:
     raft = [f"127.0.0.1:{free_port()}" for _ in range(nodes)]
     configs = []
     for i, node in enumerate(raft):
-        base = IrisConfig.for_dev(os.path.join(data_dir, f"node-{i}"), raft_port=int(node.split(":")[1]),
-                                  rpc_port=free_port())
+        base = IrisConfig.for_dev(
+            os.path.join(data_dir, f"node-{i}"),
+            raft_port=int(node.split(":")[1]),
+            rpc_port=free_port(),
+        )
         cluster = dataclasses.replace(
             base.cluster,
             expected_cluster_nodes=tuple(raft),

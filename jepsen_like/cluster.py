@@ -69,7 +69,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return (
+            "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -388,7 +390,9 @@ class LocalCluster:
                 return
             with contextlib.suppress(Exception), trio.move_on_after(timeout):
                 async with open_rpc_connection(
-                    core.rpc, secret=self.secret.encode() if self.secret else None, connect_timeout=timeout
+                    core.rpc,
+                    secret=self.secret.encode() if self.secret else None,
+                    connect_timeout=timeout,
                 ) as conn:
                     out[i] = await conn.call("status", {}, timeout=timeout)
 
@@ -403,7 +407,9 @@ class LocalCluster:
             while True:
                 statuses = await self.statuses()
                 leaders = {
-                    s["leader"] for i, s in enumerate(statuses) if s is not None and i not in exclude
+                    s["leader"]
+                    for i, s in enumerate(statuses)
+                    if s is not None and i not in exclude
                 }
                 if len(leaders) == 1:
                     (leader,) = leaders

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,7 +135,10 @@ class Nemesis:
             for i in a:
                 for j in b:
                     await self._links("cut", nodes[i], nodes[j])
-            desc = {"bridge": nodes[bridge], "sides": [[nodes[i] for i in a], [nodes[j] for j in b]]}
+            desc = {
+                "bridge": nodes[bridge],
+                "sides": [[nodes[i] for i in a], [nodes[j] for j in b]],
+            }
         elif kind == "majorities-ring":
             order = list(range(n))
             self.rng.shuffle(order)
@@ -169,7 +171,10 @@ class Nemesis:
             rate = self.rng.choice(["x1.5", "x0.7", "x1"])
             for i in targets:
                 await cl.kill(i)
-            cl.env_for = {i: {"LD_PRELOAD": lib, "FAKETIME": f"{offset} {rate}", "FAKETIME_NO_CACHE": "1"} for i in targets}
+            cl.env_for = {
+                i: {"LD_PRELOAD": lib, "FAKETIME": f"{offset} {rate}", "FAKETIME_NO_CACHE": "1"}
+                for i in targets
+            }
             for i in targets:
                 await cl.start(i)
             desc = {"nodes": [nodes[i] for i in targets], "faketime": f"{offset} {rate}"}
@@ -223,7 +228,9 @@ class Nemesis:
         return [self.rng.randrange(n)]
 
 
-PARTITIONS = frozenset({"random-halves", "isolate-one", "isolate-leader", "bridge", "majorities-ring"})
+PARTITIONS = frozenset(
+    {"random-halves", "isolate-one", "isolate-leader", "bridge", "majorities-ring"}
+)
 FAULTS = PARTITIONS | {
     "kill-one",
     "kill-leader",

@@ -36,7 +36,12 @@ def netns_available() -> str | None:
     probe = f"ijprobe{secrets.token_hex(2)}"
     try:
         subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True, timeout=10)
-        subprocess.run(["ip", "netns", "exec", probe, "iptables", "-L", "-n"], check=True, capture_output=True, timeout=10)
+        subprocess.run(
+            ["ip", "netns", "exec", probe, "iptables", "-L", "-n"],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
     except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
         return f"network namespaces or iptables do not work here: {exc}"
     finally:
@@ -123,7 +128,9 @@ class NetnsNetwork:
 
     def teardown(self) -> None:
         for i in range(self.count):
-            subprocess.run(["ip", "netns", "del", self.namespace(i)], capture_output=True, timeout=15)
+            subprocess.run(
+                ["ip", "netns", "del", self.namespace(i)], capture_output=True, timeout=15
+            )
         if self.up:
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=15)
             self.up = False

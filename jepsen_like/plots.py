@@ -48,10 +48,16 @@ def write_plots(history: History, out: str, *, title: str) -> list[str]:
     nb = int(end / bucket) + 1
     for kind, color in colors.items():
         counts = [0] * nb
-        for inv, done in pairs:
+        for _inv, done in pairs:
             if done is not None and done.type == kind:
                 counts[min(nb - 1, int(done.time / bucket))] += 1
-        ax.plot([i * bucket for i in range(nb)], [c / bucket for c in counts], color=color, label=kind, lw=1)
+        ax.plot(
+            [i * bucket for i in range(nb)],
+            [c / bucket for c in counts],
+            color=color,
+            label=kind,
+            lw=1,
+        )
     for start, stop, _name in windows:
         ax.axvspan(start, stop if stop is not None else end, color="grey", alpha=0.15)
     ax.set_xlabel("time (s)")

@@ -17,6 +17,7 @@ as trio tasks in the harness (or test) process.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import random
 from dataclasses import dataclass, field
@@ -49,7 +50,9 @@ class LinkProxy:
     _streams: set[trio.SocketStream] = field(default_factory=set)
     _rng: random.Random = field(default_factory=random.Random)
 
-    def set_mode(self, mode: LinkMode, *, delay: float | None = None, jitter: float | None = None) -> None:
+    def set_mode(
+        self, mode: LinkMode, *, delay: float | None = None, jitter: float | None = None
+    ) -> None:
         self.mode = mode
         if delay is not None:
             self.delay = delay
@@ -92,7 +95,12 @@ class LinkProxy:
                             if self.mode is LinkMode.RESET:
                                 break
                             if self.delay or self.jitter:
-                                await trio.sleep(max(0.0, self.delay + self._rng.uniform(-self.jitter, self.jitter)))
+                                await trio.sleep(
+                                    max(
+                                        0.0,
+                                        self.delay + self._rng.uniform(-self.jitter, self.jitter),
+                                    )
+                                )
                             await dst.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
@@ -105,10 +113,10 @@ class LinkProxy:
             self._streams.discard(upstream)
             with trio.CancelScope(shield=True):
                 for s in (client, upstream):
-                    try:
+                    with contextlib.suppress(
+                        OSError, trio.BrokenResourceError, trio.ClosedResourceError
+                    ):
                         await s.aclose()
-                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
 
 
 class LinkTable:
@@ -143,7 +151,9 @@ class LinkTable:
     def partition(self, groups: list[list[str]], mode: LinkMode = LinkMode.BLACKHOLE) -> None:
         """Cut every link between different groups."""
         where = {n: i for i, g in enumerate(groups) for n in g}
-        pairs = [(a, b) for a in self.nodes for b in self.nodes if a < b and where.get(a) != where.get(b)]
+        pairs = [
+            (a, b) for a in self.nodes for b in self.nodes if a < b and where.get(a) != where.get(b)
+        ]
         self._set(pairs, mode)
 
     def cut(self, a: str, b: str, mode: LinkMode = LinkMode.BLACKHOLE) -> None:

@@ -60,50 +60,139 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
-        Scenario("register-partition", "register", "random-halves", ("cp",),
-                 description="CAS registers, random halves partitioned and healed"),
-        Scenario("register-isolate-leader", "register", "isolate-leader", ("cp",),
-                 description="CAS registers, the leader cut off (it believes it leads for a while)"),
-        Scenario("register-kill-leader", "register", "kill-leader", ("cp",),
-                 description="CAS registers, kill -9 of the leader, restarted at heal"),
-        Scenario("register-pause", "register", "pause-leader", ("cp",),
-                 description="CAS registers, the leader paused (SIGSTOP) longer than an election"),
-        Scenario("register-clock-skew", "register", "clock-skew", ("cp",),
-                 description="CAS registers, a minority restarted under libfaketime (offset and rate)"),
-        Scenario("register-bridge", "register", "bridge", ("cp",), (5,),
-                 description="5 nodes: two halves joined only through one bridge node"),
-        Scenario("register-majorities-ring", "register", "majorities-ring", ("cp",), (5,),
-                 description="5 nodes: every node sees a different majority"),
-        Scenario("register-canary-local-reads", "register-local-reads", "isolate-leader", ("cp",),
-                 description="CANARY: reads of local state without the barrier; MUST be found not linearizable",
-                 expect_valid=False),
-        Scenario("messages-partition", "messages", "random-halves",
-                 description="messages through 2 edges, random halves partitioned"),
-        Scenario("messages-isolate-one", "messages", "isolate-one",
-                 description="messages through 2 edges, one core cut off"),
-        Scenario("messages-kill-leader", "messages", "kill-leader",
-                 description="messages, kill -9 of the leader core"),
-        Scenario("messages-kill-minority", "messages", "kill-minority",
-                 description="messages, kill -9 of a minority of cores"),
-        Scenario("messages-kill-all", "messages", "kill-all",
-                 description="messages, kill -9 of every core at once, then restart"),
-        Scenario("messages-pause", "messages", "pause-one",
-                 description="messages, one core paused (SIGSTOP) then resumed"),
-        Scenario("messages-delay", "messages", "delay",
-                 description="messages, 50-200 ms delay with jitter on every Raft link"),
-        Scenario("messages-canary-unsafe-ack", "messages", "kill-all", ("hardened_ap",),
-                 description="CANARY: a test-only build that acknowledges before the WAL fsync; "
-                 "MUST lose acknowledged messages",
-                 expect_valid=False, env={"IRIS_TEST_UNSAFE_ACK": "1"}),
-        Scenario("revocation-partition", "revocation", "random-halves",
-                 description="tokens revoked while partitions come and go; none gets in afterwards"),
-        Scenario("revocation-kill-leader", "revocation", "kill-leader",
-                 description="tokens revoked while the leader core is killed"),
+        Scenario(
+            "register-partition",
+            "register",
+            "random-halves",
+            ("cp",),
+            description="CAS registers, random halves partitioned and healed",
+        ),
+        Scenario(
+            "register-isolate-leader",
+            "register",
+            "isolate-leader",
+            ("cp",),
+            description="CAS registers, the leader cut off (it believes it leads for a while)",
+        ),
+        Scenario(
+            "register-kill-leader",
+            "register",
+            "kill-leader",
+            ("cp",),
+            description="CAS registers, kill -9 of the leader, restarted at heal",
+        ),
+        Scenario(
+            "register-pause",
+            "register",
+            "pause-leader",
+            ("cp",),
+            description="CAS registers, the leader paused (SIGSTOP) longer than an election",
+        ),
+        Scenario(
+            "register-clock-skew",
+            "register",
+            "clock-skew",
+            ("cp",),
+            description="CAS registers, a minority restarted under libfaketime (offset and rate)",
+        ),
+        Scenario(
+            "register-bridge",
+            "register",
+            "bridge",
+            ("cp",),
+            (5,),
+            description="5 nodes: two halves joined only through one bridge node",
+        ),
+        Scenario(
+            "register-majorities-ring",
+            "register",
+            "majorities-ring",
+            ("cp",),
+            (5,),
+            description="5 nodes: every node sees a different majority",
+        ),
+        Scenario(
+            "register-canary-local-reads",
+            "register-local-reads",
+            "isolate-leader",
+            ("cp",),
+            description="CANARY: reads of local state without the barrier; MUST be found not linearizable",
+            expect_valid=False,
+        ),
+        Scenario(
+            "messages-partition",
+            "messages",
+            "random-halves",
+            description="messages through 2 edges, random halves partitioned",
+        ),
+        Scenario(
+            "messages-isolate-one",
+            "messages",
+            "isolate-one",
+            description="messages through 2 edges, one core cut off",
+        ),
+        Scenario(
+            "messages-kill-leader",
+            "messages",
+            "kill-leader",
+            description="messages, kill -9 of the leader core",
+        ),
+        Scenario(
+            "messages-kill-minority",
+            "messages",
+            "kill-minority",
+            description="messages, kill -9 of a minority of cores",
+        ),
+        Scenario(
+            "messages-kill-all",
+            "messages",
+            "kill-all",
+            description="messages, kill -9 of every core at once, then restart",
+        ),
+        Scenario(
+            "messages-pause",
+            "messages",
+            "pause-one",
+            description="messages, one core paused (SIGSTOP) then resumed",
+        ),
+        Scenario(
+            "messages-delay",
+            "messages",
+            "delay",
+            description="messages, 50-200 ms delay with jitter on every Raft link",
+        ),
+        Scenario(
+            "messages-canary-unsafe-ack",
+            "messages",
+            "kill-all",
+            ("hardened_ap",),
+            description="CANARY: a test-only build that acknowledges before the WAL fsync; "
+            "MUST lose acknowledged messages",
+            expect_valid=False,
+            env={"IRIS_TEST_UNSAFE_ACK": "1"},
+        ),
+        Scenario(
+            "revocation-partition",
+            "revocation",
+            "random-halves",
+            description="tokens revoked while partitions come and go; none gets in afterwards",
+        ),
+        Scenario(
+            "revocation-kill-leader",
+            "revocation",
+            "kill-leader",
+            description="tokens revoked while the leader core is killed",
+        ),
     ]
 }
 
-SMOKE = ("register-isolate-leader", "register-canary-local-reads", "messages-kill-leader",
-         "messages-canary-unsafe-ack", "revocation-partition")
+SMOKE = (
+    "register-isolate-leader",
+    "register-canary-local-reads",
+    "messages-kill-leader",
+    "messages-canary-unsafe-ack",
+    "revocation-partition",
+)
 
 
 @dataclass
@@ -149,7 +238,9 @@ def _verdict(results: list[checkers.CheckResult]) -> bool | str:
     return True
 
 
-async def _progress(workload: Workload, nemesis: Nemesis, started: float, until: float, phase: list[str]) -> None:
+async def _progress(
+    workload: Workload, nemesis: Nemesis, started: float, until: float, phase: list[str]
+) -> None:
     while True:
         c = workload.counters
         elapsed = trio.current_time() - started
@@ -173,7 +264,14 @@ def choose_mechanism(requested: str) -> str:
 
 
 async def run_scenario(
-    scenario: Scenario, *, nodes: int, mode: str, duration: float, seed: int, out: str, mechanism: str = "proxy"
+    scenario: Scenario,
+    *,
+    nodes: int,
+    mode: str,
+    duration: float,
+    seed: int,
+    out: str,
+    mechanism: str = "proxy",
 ) -> RunResult:
     """Run one scenario on a fresh cluster and write its results under ``out``."""
     os.makedirs(out, exist_ok=True)
@@ -263,7 +361,11 @@ def write_outputs(
         "workload": scenario.workload,
         "fault": scenario.fault,
         "description": scenario.description,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
         "final": {k: v for k, v in final.items() if k != "convergence"},
     }
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -274,12 +376,16 @@ def write_outputs(
         from .plots import write_plots
 
         try:
-            write_plots(history, out, title=f"{scenario.name} ({result.mode}, {result.nodes} nodes)")
+            write_plots(
+                history, out, title=f"{scenario.name} ({result.mode}, {result.nodes} nodes)"
+            )
         except Exception:  # plots are a convenience; never fail a run on them
             logger.exception("could not write plots")
 
 
-def render_report(result: RunResult, scenario: Scenario, results: list[checkers.CheckResult]) -> str:
+def render_report(
+    result: RunResult, scenario: Scenario, results: list[checkers.CheckResult]
+) -> str:
     lines = [
         f"scenario   {scenario.name}: {scenario.description}",
         f"mode       {result.mode}, {result.nodes} nodes, seed {result.seed}",
@@ -290,7 +396,9 @@ def render_report(result: RunResult, scenario: Scenario, results: list[checkers.
         lines.append(f"SKIPPED    {result.skipped}")
         return "\n".join(lines) + "\n"
     expectation = "valid" if scenario.expect_valid else "INVALID (canary)"
-    lines.append(f"verdict    {result.valid} (expected {expectation}) -> {'PASS' if result.passed else 'FAIL'}")
+    lines.append(
+        f"verdict    {result.valid} (expected {expectation}) -> {'PASS' if result.passed else 'FAIL'}"
+    )
     lines.append("")
     for r in results:
         lines.append(f"== {r.name}: {r.valid}")

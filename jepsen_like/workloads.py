@@ -70,13 +70,17 @@ class Workload:
     def new_process(self) -> int:
         return next(self._pids)
 
-    async def run(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+    async def run(
+        self, cluster: LocalCluster, history: History, rng: random.Random, until: float
+    ) -> None:
         raise NotImplementedError
 
     async def final(self, cluster: LocalCluster, history: History) -> dict[str, Any]:
         return {}
 
-    def check(self, history: History, final: dict[str, Any], mode: str) -> list[checkers.CheckResult]:
+    def check(
+        self, history: History, final: dict[str, Any], mode: str
+    ) -> list[checkers.CheckResult]:
         raise NotImplementedError
 
 
@@ -100,10 +104,14 @@ class RegisterWorkload(Workload):
     processes: int = 9
     local_reads: bool = False
 
-    async def run(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+    async def run(
+        self, cluster: LocalCluster, history: History, rng: random.Random, until: float
+    ) -> None:
         async with trio.open_nursery() as nursery:
             for slot in range(self.processes):
-                nursery.start_soon(self._client, cluster, history, random.Random(rng.random()), slot, until)
+                nursery.start_soon(
+                    self._client, cluster, history, random.Random(rng.random()), slot, until
+                )
 
     async def _client(
         self, cluster: LocalCluster, history: History, rng: random.Random, slot: int, until: float
@@ -118,7 +126,9 @@ class RegisterWorkload(Workload):
             try:
                 async with _open_core(cluster, index) as conn:
                     while trio.current_time() < until:
-                        process, reconnect = await self._one_op(conn, history, rng, process, key, node)
+                        process, reconnect = await self._one_op(
+                            conn, history, rng, process, key, node
+                        )
                         if reconnect:
                             break
             except (IrisError, OSError):
@@ -126,7 +136,13 @@ class RegisterWorkload(Workload):
             await trio.sleep(0.05)
 
     async def _one_op(
-        self, conn: RpcClientConnection, history: History, rng: random.Random, process: int, key: str, node: str
+        self,
+        conn: RpcClientConnection,
+        history: History,
+        rng: random.Random,
+        process: int,
+        key: str,
+        node: str,
     ) -> tuple[int, bool]:
         roll = rng.random()
         params: dict[str, Any]
@@ -167,7 +183,9 @@ class RegisterWorkload(Workload):
         self.counters.count("ok")
         return process, False
 
-    def check(self, history: History, final: dict[str, Any], mode: str) -> list[checkers.CheckResult]:
+    def check(
+        self, history: History, final: dict[str, Any], mode: str
+    ) -> list[checkers.CheckResult]:
         return [checkers.check_linearizable(history), checkers.availability(history)]
 
 
@@ -195,7 +213,10 @@ class _Edge:
 @contextlib.asynccontextmanager
 async def _open_edge(url: str, token: str, user: str):  # type: ignore[no-untyped-def]
     async with open_websocket_url(
-        url, subprotocols=["iris.v1"], extra_headers=[("Authorization", f"Bearer {token}")], connect_timeout=3
+        url,
+        subprotocols=["iris.v1"],
+        extra_headers=[("Authorization", f"Bearer {token}")],
+        connect_timeout=3,
     ) as ws:
         edge = _Edge(ws, user)
         with trio.fail_after(5):
@@ -221,14 +242,20 @@ class MessageWorkload(Workload):
     needs_edges: int = 2
     pace: float = 0.01
 
-    async def run(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+    async def run(
+        self, cluster: LocalCluster, history: History, rng: random.Random, until: float
+    ) -> None:
         self._stop_receivers = trio.Event()
         async with trio.open_nursery() as nursery:
             for r in range(self.recipients):
-                nursery.start_soon(self._receiver, cluster, history, random.Random(rng.random()), f"rcpt{r}", until)
+                nursery.start_soon(
+                    self._receiver, cluster, history, random.Random(rng.random()), f"rcpt{r}", until
+                )
             async with trio.open_nursery() as senders:
                 for s in range(self.senders):
-                    senders.start_soon(self._sender, cluster, history, random.Random(rng.random()), s, until)
+                    senders.start_soon(
+                        self._sender, cluster, history, random.Random(rng.random()), s, until
+                    )
             nursery.cancel_scope.cancel()
 
     async def _sender(
@@ -246,13 +273,22 @@ class MessageWorkload(Workload):
                         msg_id = f"{user}-{seq}"
                         to = f"rcpt{rng.randrange(self.recipients)}"
                         body = {"from": user, "seq": seq}
-                        op = history.invoke(process, "send", to, {"id": msg_id, "from": user, "to": to, "body": body},
-                                            edge=edge_i)
+                        op = history.invoke(
+                            process,
+                            "send",
+                            to,
+                            {"id": msg_id, "from": user, "to": to, "body": body},
+                            edge=edge_i,
+                        )
                         try:
-                            await edge.send_frame({"type": "send", "id": msg_id, "to": to, "body": body})
+                            await edge.send_frame(
+                                {"type": "send", "id": msg_id, "to": to, "body": body}
+                            )
                             kind, extra = await self._await_sent(edge, msg_id)
                         except (_Unknown, ConnectionClosed) as exc:
-                            history.complete(op, "info", op.value, error=str(exc) or type(exc).__name__)
+                            history.complete(
+                                op, "info", op.value, error=str(exc) or type(exc).__name__
+                            )
                             self.counters.count("info")
                             process = self.new_process()
                             break
@@ -263,7 +299,14 @@ class MessageWorkload(Workload):
                         if kind != "ok":
                             await trio.sleep(0.05)
                         await trio.sleep(self.pace)
-            except (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError, ConnectionError, ValueError):
+            except (
+                ConnectionClosed,
+                HandshakeError,
+                OSError,
+                trio.TooSlowError,
+                ConnectionError,
+                ValueError,
+            ):
                 await trio.sleep(0.1)
 
     async def _await_sent(self, edge: _Edge, msg_id: str) -> tuple[str, dict[str, Any]]:
@@ -297,7 +340,14 @@ class MessageWorkload(Workload):
                         if frame.get("type") == "msg":
                             history.observe(process, "deliver", user, _seen(user, frame))
                             await edge.send_frame({"type": "ack", "mids": [frame["mid"]]})
-            except (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError, ConnectionError, ValueError):
+            except (
+                ConnectionClosed,
+                HandshakeError,
+                OSError,
+                trio.TooSlowError,
+                ConnectionError,
+                ValueError,
+            ):
                 await trio.sleep(0.1)
 
     async def final(self, cluster: LocalCluster, history: History) -> dict[str, Any]:
@@ -321,7 +371,14 @@ class MessageWorkload(Workload):
                                 return
                             if frame.get("type") == "msg":
                                 seen.append(_seen(user, frame))
-                except (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError, ConnectionError, ValueError):
+                except (
+                    ConnectionClosed,
+                    HandshakeError,
+                    OSError,
+                    trio.TooSlowError,
+                    ConnectionError,
+                    ValueError,
+                ):
                     await trio.sleep(0.5)
 
         async with trio.open_nursery() as nursery:
@@ -329,7 +386,9 @@ class MessageWorkload(Workload):
                 nursery.start_soon(drain, f"rcpt{r}")
         return {"drained": drained, "convergence": await replica_fingerprints(cluster)}
 
-    def check(self, history: History, final: dict[str, Any], mode: str) -> list[checkers.CheckResult]:
+    def check(
+        self, history: History, final: dict[str, Any], mode: str
+    ) -> list[checkers.CheckResult]:
         late = late_after_crash(history) if mode == "hardened_ap" else set()
         results = [
             checkers.check_messages(history, mode=mode, allow_late_after_crash=late),
@@ -361,17 +420,23 @@ def late_after_crash(history: History) -> set[str]:
     kills = [start for start, _end, name in history.fault_windows() if str(name).startswith("kill")]
     late: set[str] = set()
     for inv, done in history.pairs():
-        if inv.f == "send" and done is not None and done.type == "ok":
-            if any(k - DRAIN_WINDOW <= done.time <= k for k in kills):
-                mid = done.extra.get("mid") if isinstance(done.extra, dict) else None
-                if mid:
-                    late.add(mid)
+        if inv.f != "send" or done is None or done.type != "ok":
+            continue
+        if any(k - DRAIN_WINDOW <= done.time <= k for k in kills):
+            mid = done.extra.get("mid") if isinstance(done.extra, dict) else None
+            if mid:
+                late.add(mid)
     return late
 
 
 def _seen(user: str, frame: dict[str, Any]) -> dict[str, Any]:
     body = frame.get("body")
-    seen: dict[str, Any] = {"to": user, "mid": frame.get("mid"), "from": frame.get("from"), "body": body}
+    seen: dict[str, Any] = {
+        "to": user,
+        "mid": frame.get("mid"),
+        "from": frame.get("from"),
+        "body": body,
+    }
     if isinstance(body, dict) and "seq" in body:
         seen["id"] = f"{body.get('from')}-{body.get('seq')}"
     return seen
@@ -387,14 +452,25 @@ async def replica_fingerprints(cluster: LocalCluster, timeout: float = 30.0) -> 
                 last = {
                     s["node"]: {
                         k: s["state"][k]
-                        for k in ("messages", "inboxes", "revoked_tokens", "revoked_users", "registers", "dedup_entries")
+                        for k in (
+                            "messages",
+                            "inboxes",
+                            "revoked_tokens",
+                            "revoked_users",
+                            "registers",
+                            "dedup_entries",
+                        )
                     }
                     for s in statuses
                     if s is not None
                 }
                 backlog = sum(s["wal_backlog"] for s in statuses if s is not None)
                 applied = {s["raft"].get("last_applied") for s in statuses if s is not None}
-                if backlog == 0 and len({repr(v) for v in last.values()}) == 1 and len(applied) == 1:
+                if (
+                    backlog == 0
+                    and len({repr(v) for v in last.values()}) == 1
+                    and len(applied) == 1
+                ):
                     return last
             await trio.sleep(0.5)
     return last
@@ -411,19 +487,33 @@ class RevocationWorkload(Workload):
     processes: int = 4
     needs_edges: int = 2
 
-    async def run(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+    async def run(
+        self, cluster: LocalCluster, history: History, rng: random.Random, until: float
+    ) -> None:
         self._issued: list[tuple[str, str]] = []
         self._revoked: list[tuple[str, str]] = []
         async with trio.open_nursery() as nursery:
             for slot in range(self.processes):
-                nursery.start_soon(self._authenticator, cluster, history, random.Random(rng.random()), slot, until)
+                nursery.start_soon(
+                    self._authenticator, cluster, history, random.Random(rng.random()), slot, until
+                )
             nursery.start_soon(self._revoker, cluster, history, random.Random(rng.random()), until)
 
-    async def _auth(self, cluster: LocalCluster, history: History, process: int, user: str, jti: str, edge_i: int) -> str:
+    async def _auth(
+        self,
+        cluster: LocalCluster,
+        history: History,
+        process: int,
+        user: str,
+        jti: str,
+        edge_i: int,
+    ) -> str:
         op = history.invoke(process, "auth", user, {"jti": jti, "user": user}, edge=edge_i)
         try:
             with trio.fail_after(OP_TIMEOUT):
-                async with _open_edge(cluster.edges[edge_i].url, cluster.token(user, jti=jti), user):
+                async with _open_edge(
+                    cluster.edges[edge_i].url, cluster.token(user, jti=jti), user
+                ):
                     pass
         except Rejected as exc:
             # token_revoked / auth_failed are definite; unavailable means unknown.
@@ -454,13 +544,17 @@ class RevocationWorkload(Workload):
             else:
                 jti = f"t{slot}-{n}"
                 self._issued.append((user, jti))
-            kind = await self._auth(cluster, history, process, user, jti, rng.randrange(len(cluster.edges)))
+            kind = await self._auth(
+                cluster, history, process, user, jti, rng.randrange(len(cluster.edges))
+            )
             self.counters.count(kind)
             if kind == "info":
                 process = self.new_process()
             await trio.sleep(0.02)
 
-    async def _revoker(self, cluster: LocalCluster, history: History, rng: random.Random, until: float) -> None:
+    async def _revoker(
+        self, cluster: LocalCluster, history: History, rng: random.Random, until: float
+    ) -> None:
         process = self.new_process()
         while trio.current_time() < until:
             await trio.sleep(0.2)
@@ -472,7 +566,9 @@ class RevocationWorkload(Workload):
                     op = history.invoke(process, "revoke", user, {"jti": jti, "user": user})
                     try:
                         await conn.call(
-                            "revoke_token", {"jti": jti, "exp_ms": 2**41, "op_id": f"rv-{jti}"}, timeout=OP_TIMEOUT
+                            "revoke_token",
+                            {"jti": jti, "exp_ms": 2**41, "op_id": f"rv-{jti}"},
+                            timeout=OP_TIMEOUT,
                         )
                     except _RETRY as exc:
                         history.complete(op, "info", error=type(exc).__name__)
@@ -498,7 +594,9 @@ class RevocationWorkload(Workload):
                 await self._auth(cluster, history, process, user, jti, edge_i)
         return {"revoked": len(self._revoked)}
 
-    def check(self, history: History, final: dict[str, Any], mode: str) -> list[checkers.CheckResult]:
+    def check(
+        self, history: History, final: dict[str, Any], mode: str
+    ) -> list[checkers.CheckResult]:
         return [checkers.check_revocations(history), checkers.availability(history)]
 
 

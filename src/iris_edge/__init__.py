@@ -6,6 +6,8 @@ is durable, and delivers stored and live messages from the core's event stream.
 """
 
 from ._app import run_dev as run_dev
+from ._app import run_edge as run_edge
+from ._app import serve_edge as serve_edge
 from ._auth import issue_token as issue_token
 from ._client import AuthError as AuthError
 from ._client import ClientClosed as ClientClosed
@@ -16,8 +18,6 @@ from ._client import Message as Message
 from ._client import SendTimeout as SendTimeout
 from ._client import Sent as Sent
 from ._client import open_iris as open_iris
-from ._app import run_edge as run_edge
-from ._app import serve_edge as serve_edge
 from ._core import CoreAccess as CoreAccess
 from ._core import LocalCore as LocalCore
 from ._core import RemoteCore as RemoteCore
@@ -29,17 +29,17 @@ __all__ = [
     "ClientClosed",
     "ConnectFailed",
     "CoreAccess",
+    "EdgeServer",
+    "EdgeSettings",
     "IrisClient",
     "IrisClientError",
+    "LocalCore",
     "Message",
+    "RemoteCore",
     "SendTimeout",
     "Sent",
     "issue_token",
     "open_iris",
-    "EdgeServer",
-    "EdgeSettings",
-    "LocalCore",
-    "RemoteCore",
     "run_dev",
     "run_edge",
     "serve_edge",

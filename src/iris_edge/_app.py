@@ -87,7 +87,9 @@ async def open_remote_core(config: IrisConfig, pool: int) -> AsyncIterator[Remot
     async with contextlib.AsyncExitStack() as stack:
         clients = [
             await stack.enter_async_context(
-                open_client(config.edge.cores, secret=secret, timeout=config.cluster.request_timeout)
+                open_client(
+                    config.edge.cores, secret=secret, timeout=config.cluster.request_timeout
+                )
             )
             for _ in range(pool)
         ]
@@ -125,7 +127,9 @@ async def serve_edge(
                 "pid": os.getpid(),
             }
             if edge.metrics_port is not None:
-                info["metrics_port"] = serve_metrics(metrics.registry, edge.metrics_port, server.health)
+                info["metrics_port"] = serve_metrics(
+                    metrics.registry, edge.metrics_port, server.health
+                )
             print(f"iris edge ready {json.dumps(info)}", flush=True)
             if ready is not None:
                 ready(info)
@@ -181,6 +185,12 @@ async def run_dev(config: IrisConfig, data_dir: str, *, token_user: str = "dev-u
 
         host, port = parse_address(config.core.rpc)
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: serve_core(node, host, port, secret=None, task_status=task_status))
-            await serve_edge(LocalCore(node), config, jwt_secret=secret, ready=ready, edge_id="dev-edge")
+            await nursery.start(
+                lambda task_status: serve_core(
+                    node, host, port, secret=None, task_status=task_status
+                )
+            )
+            await serve_edge(
+                LocalCore(node), config, jwt_secret=secret, ready=ready, edge_id="dev-edge"
+            )
             nursery.cancel_scope.cancel()

@@ -47,11 +47,15 @@ def _cmd_token(args: argparse.Namespace) -> int:
             with open(path) as f:
                 secret: str | None = f.read().strip()
         except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc} (run iris dev first)", key="--data-dir") from None
+            raise ConfigError(
+                f"cannot read {path}: {exc} (run iris dev first)", key="--data-dir"
+            ) from None
     elif args.config:
         secret = resolve_jwt_secret(load_from_args(args))
     else:
-        raise ConfigError("give --config FILE (with edge.jwt_secret) or --data-dir DIR (iris dev)", key="--config")
+        raise ConfigError(
+            "give --config FILE (with edge.jwt_secret) or --data-dir DIR (iris dev)", key="--config"
+        )
     if not secret:
         raise ConfigError("no edge.jwt_secret configured", key="edge.jwt_secret")
     print(issue_token(secret, args.user, ttl=args.ttl, jti=args.jti))
@@ -67,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_edge)
 
     p = sub.add_parser("dev", help="run a core and an edge in one process (development)")
-    p.add_argument("--data-dir", default="./iris-data", help="where data is kept (default ./iris-data)")
+    p.add_argument(
+        "--data-dir", default="./iris-data", help="where data is kept (default ./iris-data)"
+    )
     p.add_argument("--port", type=int, default=8085, help="WebSocket port (default 8085)")
     p.add_argument("--host", default="127.0.0.1", help="WebSocket host (default 127.0.0.1)")
     p.set_defaults(func=_cmd_dev)

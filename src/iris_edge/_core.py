@@ -21,7 +21,15 @@ from typing import Any, Protocol
 
 import trio
 
-from iris_raft import Client, Node, Resync, SendResult, StoredMessage, Subscription, SubscriptionLost
+from iris_raft import (
+    Client,
+    Node,
+    Resync,
+    SendResult,
+    StoredMessage,
+    Subscription,
+    SubscriptionLost,
+)
 from iris_raft._state import Event
 
 
@@ -38,7 +46,9 @@ class EventStream(Protocol):
 class CoreAccess(Protocol):
     """What the edge asks of the core."""
 
-    async def send(self, sender: str, client_id: str, recipient: str, body: bytes) -> SendResult: ...
+    async def send(
+        self, sender: str, client_id: str, recipient: str, body: bytes
+    ) -> SendResult: ...
 
     async def ack(self, user: str, mids: Sequence[str]) -> None: ...
 
@@ -46,7 +56,9 @@ class CoreAccess(Protocol):
 
     async def is_revoked(self, user: str, jti: str, iat_ms: int | None) -> bool: ...
 
-    async def open_session(self, session: str, user: str, edge: str, jti: str, iat_ms: int) -> None: ...
+    async def open_session(
+        self, session: str, user: str, edge: str, jti: str, iat_ms: int
+    ) -> None: ...
 
     async def close_session(self, session: str) -> None: ...
 

@@ -147,7 +147,9 @@ class Connection:
     expiry: trio.CancelScope | None = None
     rate_violations: int = 0
     sync_generation: int = 0
-    frames: TokenBucket = field(default_factory=lambda: TokenBucket(FRAME_RATE, FRAME_BURST, time.monotonic()))
+    frames: TokenBucket = field(
+        default_factory=lambda: TokenBucket(FRAME_RATE, FRAME_BURST, time.monotonic())
+    )
 
     @property
     def jti(self) -> str:
@@ -179,7 +181,9 @@ class EdgeSettings:
 class EdgeServer:
     """Serves protocol v1 over WebSocket for one edge. Use :func:`serve_edge`."""
 
-    def __init__(self, core: CoreAccess, settings: EdgeSettings, metrics: EdgeMetrics | None = None) -> None:
+    def __init__(
+        self, core: CoreAccess, settings: EdgeSettings, metrics: EdgeMetrics | None = None
+    ) -> None:
         self.core = core
         self.settings = settings
         cfg = settings.config
@@ -210,8 +214,12 @@ class EdgeServer:
     # -------------------------------------------------------------- serving
 
     async def serve(
-        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
-        *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -283,7 +291,9 @@ class EdgeServer:
         except _Close as close:
             await _close(ws, close)
 
-    async def _authenticate(self, ws: WebSocketConnection, header_token: str | None) -> tuple[str, Claims | None]:
+    async def _authenticate(
+        self, ws: WebSocketConnection, header_token: str | None
+    ) -> tuple[str, Claims | None]:
         token = header_token
         if token is None:
             with trio.move_on_after(AUTH_TIMEOUT):
@@ -295,17 +305,25 @@ class EdgeServer:
                 if isinstance(frame, FrameError):
                     raise _Close(CloseCode.AUTH_FAILED, "frame before auth", frame.code)
                 if not isinstance(frame, Auth):
-                    raise _Close(CloseCode.AUTH_FAILED, "authenticate first", ErrorCode.NOT_AUTHENTICATED)
+                    raise _Close(
+                        CloseCode.AUTH_FAILED, "authenticate first", ErrorCode.NOT_AUTHENTICATED
+                    )
                 if self.verifier is None:
                     if frame.user is None and frame.token is None:
-                        raise _Close(CloseCode.AUTH_FAILED, "auth needs user", ErrorCode.AUTH_FAILED)
+                        raise _Close(
+                            CloseCode.AUTH_FAILED, "auth needs user", ErrorCode.AUTH_FAILED
+                        )
                     if frame.user is not None:
                         return frame.user, None
                 token = frame.token
             if token is None:
-                raise _Close(CloseCode.AUTH_FAILED, "no auth frame within 5 s", ErrorCode.NOT_AUTHENTICATED)
+                raise _Close(
+                    CloseCode.AUTH_FAILED, "no auth frame within 5 s", ErrorCode.NOT_AUTHENTICATED
+                )
         if self.verifier is None:
-            raise _Close(CloseCode.AUTH_FAILED, "tokens are not enabled here", ErrorCode.AUTH_FAILED)
+            raise _Close(
+                CloseCode.AUTH_FAILED, "tokens are not enabled here", ErrorCode.AUTH_FAILED
+            )
         try:
             claims = self.verifier.verify(token)
         except TokenError as exc:
@@ -319,21 +337,29 @@ class EdgeServer:
             try:
                 revoked = await self.core.is_revoked(user, claims.jti, _ms(claims.iat))
             except IrisError:
-                raise _Close(CloseCode.GOING_AWAY, "core unavailable", ErrorCode.UNAVAILABLE) from None
+                raise _Close(
+                    CloseCode.GOING_AWAY, "core unavailable", ErrorCode.UNAVAILABLE
+                ) from None
             if revoked:
                 self.metrics.auth_failures.labels("token_revoked").inc()
                 raise _Close(CloseCode.AUTH_FAILED, "token revoked", ErrorCode.TOKEN_REVOKED)
         session = os.urandom(12).hex()
         try:
             await self.core.open_session(
-                session, user, self.edge_id, claims.jti if claims else "", _ms(claims.iat if claims else None) or 0
+                session,
+                user,
+                self.edge_id,
+                claims.jti if claims else "",
+                _ms(claims.iat if claims else None) or 0,
             )
         except TokenRevoked:
             self.metrics.auth_failures.labels("token_revoked").inc()
             raise _Close(CloseCode.AUTH_FAILED, "token revoked", ErrorCode.TOKEN_REVOKED) from None
         except IrisError:
             raise _Close(CloseCode.GOING_AWAY, "core unavailable", ErrorCode.UNAVAILABLE) from None
-        out_send, out_recv = trio.open_memory_channel[tuple[str, bytes]](self.config.max_queue_per_connection)
+        out_send, out_recv = trio.open_memory_channel[tuple[str, bytes]](
+            self.config.max_queue_per_connection
+        )
         sends_send, sends_recv = trio.open_memory_channel[Send](SEND_QUEUE)
         conn = Connection(session, user, claims, ws, out_send, out_recv, sends_send, sends_recv)
         await self._register(conn)
@@ -354,7 +380,10 @@ class EdgeServer:
         if conn.closing is not None:
             # Frames queued before the close (sent, pong, msg) still go out, briefly.
             if conn.closing.code != CloseCode.POLICY:
-                with trio.move_on_after(1.0), contextlib.suppress(ConnectionClosed, trio.WouldBlock):
+                with (
+                    trio.move_on_after(1.0),
+                    contextlib.suppress(ConnectionClosed, trio.WouldBlock),
+                ):
                     while True:
                         _kind, data = conn.out_recv.receive_nowait()
                         await ws.send_message(data)
@@ -387,7 +416,11 @@ class EdgeServer:
                 del self.by_user[conn.user]
                 self.buckets.pop(conn.user, None)
                 if self._events is not None:
-                    with contextlib.suppress(IrisError), trio.CancelScope(shield=True), trio.move_on_after(2):
+                    with (
+                        contextlib.suppress(IrisError),
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(2),
+                    ):
                         await self._events.remove_users([conn.user])
         self.metrics.connections.set(len(self.connections))
         if self._nursery is not None:
@@ -452,7 +485,7 @@ class EdgeServer:
         except trio.ClosedResourceError:
             self._error(conn, ErrorCode.UNAVAILABLE, frame.id, "server going away")
 
-    def _rate_violation(self, conn: Connection, id: str | None) -> None:  # noqa: A002
+    def _rate_violation(self, conn: Connection, id: str | None) -> None:
         conn.rate_violations += 1
         self._error(conn, ErrorCode.RATE_LIMITED, id)
         if conn.rate_violations >= RATE_VIOLATIONS_BEFORE_CLOSE:
@@ -495,7 +528,9 @@ class EdgeServer:
         while True:
             assert conn.claims is not None
             deadline = conn.claims.exp + self.config.jwt_leeway
-            conn.expiry = trio.CancelScope(deadline=trio.current_time() + max(0.0, deadline - time.time()))
+            conn.expiry = trio.CancelScope(
+                deadline=trio.current_time() + max(0.0, deadline - time.time())
+            )
             with conn.expiry:
                 await trio.sleep_forever()
             if conn.expiry.cancelled_caught and time.time() >= deadline:
@@ -576,7 +611,9 @@ class EdgeServer:
             return
         self.metrics.frames_out.labels(kind).inc()
 
-    def _error(self, conn: Connection, code: ErrorCode, id: str | None, message: str | None = None) -> None:  # noqa: A002
+    def _error(
+        self, conn: Connection, code: ErrorCode, id: str | None, message: str | None = None
+    ) -> None:
         self.metrics.errors.labels(code.value).inc()
         self._enqueue(conn, "error", encode_error(code, id, message))
 
@@ -631,14 +668,18 @@ class EdgeServer:
                     if event.reason == "token_revoked":
                         self._revoke(kicked)
                     else:
-                        kicked.close(CloseCode.POLICY, f"session closed by the cluster ({event.reason})")
+                        kicked.close(
+                            CloseCode.POLICY, f"session closed by the cluster ({event.reason})"
+                        )
             elif isinstance(event, Resync):
                 self._on_resync()
 
     def _on_resync(self) -> None:
         if self._nursery is None:
             return
-        logger.info("core event stream (re)subscribed: resyncing %d connections", len(self.connections))
+        logger.info(
+            "core event stream (re)subscribed: resyncing %d connections", len(self.connections)
+        )
         for conn in list(self.connections):
             self._nursery.start_soon(self._resync_connection, conn)
 
@@ -686,7 +727,9 @@ class EdgeServer:
                 self.core_safe = False
             self.metrics.core_reachable.set(1 if self.core_reachable else 0)
             self.metrics.core_safe.set(1 if self.core_safe else 0)
-            self.metrics.queued.set(sum(c.out_recv.statistics().current_buffer_used for c in self.connections))
+            self.metrics.queued.set(
+                sum(c.out_recv.statistics().current_buffer_used for c in self.connections)
+            )
             await trio.sleep(1.0)
 
     def health(self) -> tuple[int, dict[str, Any]]:

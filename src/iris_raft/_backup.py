@@ -78,7 +78,9 @@ def write_backup(path: str, data: bytes) -> None:
     atomic_write(path, data)
 
 
-def restore_into(data_dir: str, wal_dir: str | None, state: IrisState, cluster: list[str]) -> list[str]:
+def restore_into(
+    data_dir: str, wal_dir: str | None, state: IrisState, cluster: list[str]
+) -> list[str]:
     """Prepare a stopped core's data folder to start from ``state``.
 
     Returns the paths that were moved aside.

@@ -96,7 +96,9 @@ async def _update_metrics(node: Any, port: int) -> None:
         await trio.sleep(1.0)
 
 
-async def run_core(config: IrisConfig, *, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+async def run_core(
+    config: IrisConfig, *, ready: Callable[[dict[str, Any]], None] | None = None
+) -> None:
     """Run one core node with its RPC server until SIGTERM/SIGINT."""
     from ._node import open_node
     from ._server import serve_core
@@ -190,7 +192,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"node            {status['node']} (rpc {status['rpc']})")
     print(f"mode            {status['mode']}")
     print(f"leader          {status['leader'] or '-'}")
-    print(f"term / commit   {raft.get('term')} / {raft.get('commit_index')} (applied {raft.get('last_applied')})")
+    print(
+        f"term / commit   {raft.get('term')} / {raft.get('commit_index')} (applied {raft.get('last_applied')})"
+    )
     print(f"safe for writes {status['safe_for_writes']} ({status['partition_state']})")
     print(f"WAL backlog     {status['wal_backlog']}")
     print(f"state memory    {status['state_bytes']} of {status['max_state_bytes']} bytes")
@@ -198,7 +202,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"stored messages {st['messages']} in {st['inboxes']} inboxes; sessions {st['sessions']}")
     print("nodes:")
     for n in status["nodes"]:
-        print(f"  {n['node']:<22} rpc {n['rpc'] or '?':<22} {'up' if n['reachable'] else 'DOWN':<5} {n['state']}")
+        print(
+            f"  {n['node']:<22} rpc {n['rpc'] or '?':<22} {'up' if n['reachable'] else 'DOWN':<5} {n['state']}"
+        )
     return 0
 
 
@@ -269,7 +275,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     config = _load(args)
     with open(args.source, "rb") as f:
         data = f.read()
-    header, state = load_backup(data, args.source)
+    _header, state = load_backup(data, args.source)
     cluster = list(config.cluster.expected_cluster_nodes) or [config.core.node or ""]
     wal_dir = config.core.wal_directory or os.path.join(config.core.data_dir, "wal")
     moved = restore_into(config.core.data_dir, wal_dir, state, cluster)
@@ -356,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _unwrap(exc: BaseException) -> BaseException:
     """The first meaningful error inside (possibly nested) exception groups."""
     while isinstance(exc, BaseExceptionGroup):
-        preferred = [e for e in exc.exceptions if isinstance(e, IrisError | OSError | BaseExceptionGroup)]
+        preferred = [
+            e for e in exc.exceptions if isinstance(e, IrisError | OSError | BaseExceptionGroup)
+        ]
         exc = (preferred or list(exc.exceptions))[0]
     return exc
 

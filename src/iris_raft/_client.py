@@ -92,7 +92,10 @@ class Client:
     ) -> None:
         # A connection lives in its own task (its context manager owns a nursery).
         async with open_rpc_connection(
-            address, secret=self._secret, ssl_context=self._ssl, connect_timeout=self._connect_timeout
+            address,
+            secret=self._secret,
+            ssl_context=self._ssl,
+            connect_timeout=self._connect_timeout,
         ) as conn:
             release = trio.Event()
             task_status.started((conn, release))
@@ -145,11 +148,7 @@ class Client:
             if isinstance(rpc, str) and rpc not in self.cores:
                 self.cores.append(rpc)
         leader_rpc = status.get("leader_rpc")
-        if (
-            self._prefer_leader
-            and isinstance(leader_rpc, str)
-            and leader_rpc != self._conn_address
-        ):
+        if self._prefer_leader and isinstance(leader_rpc, str) and leader_rpc != self._conn_address:
             with contextlib.suppress(IrisError, OSError):
                 await self._open(leader_rpc)
 
@@ -157,7 +156,9 @@ class Client:
         async with self._lock:
             await self._drop()
 
-    async def call(self, method: str, params: dict[str, Any], *, timeout: float | None = None) -> Any:
+    async def call(
+        self, method: str, params: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
         """Call ``method`` with retries until the deadline; see the module docstring."""
         deadline = trio.current_time() + (self.timeout if timeout is None else timeout)
         unknown = False
@@ -169,7 +170,9 @@ class Client:
                 break
             try:
                 conn = await self._connection()
-                return await conn.call(method, params, timeout=max(0.05, deadline - trio.current_time()))
+                return await conn.call(
+                    method, params, timeout=max(0.05, deadline - trio.current_time())
+                )
             except UnknownOutcome as exc:
                 unknown, last = True, exc
                 if self._conn is not None and self._conn.closed:
@@ -189,18 +192,26 @@ class Client:
     # --------------------------------------------------------------- writes
 
     async def send(self, sender: str, client_id: str, recipient: str, body: bytes) -> SendResult:
-        r = await self.call("send", {"sender": sender, "client_id": client_id, "to": recipient, "body": body})
+        r = await self.call(
+            "send", {"sender": sender, "client_id": client_id, "to": recipient, "body": body}
+        )
         return SendResult(r["mid"], r["ts"], bool(r["duplicate"]))
 
     async def ack(self, user: str, mids: Sequence[str], *, op_id: str | None = None) -> None:
         await self.call("ack", {"user": user, "mids": list(mids), "op_id": op_id or new_op_id()})
 
     async def revoke_token(self, jti: str, exp_ms: int, *, op_id: str | None = None) -> None:
-        await self.call("revoke_token", {"jti": jti, "exp_ms": exp_ms, "op_id": op_id or new_op_id()})
+        await self.call(
+            "revoke_token", {"jti": jti, "exp_ms": exp_ms, "op_id": op_id or new_op_id()}
+        )
 
-    async def revoke_user(self, user: str, *, before_ms: int | None = None, op_id: str | None = None) -> int:
+    async def revoke_user(
+        self, user: str, *, before_ms: int | None = None, op_id: str | None = None
+    ) -> int:
         return int(
-            await self.call("revoke_user", {"user": user, "before_ms": before_ms, "op_id": op_id or new_op_id()})
+            await self.call(
+                "revoke_user", {"user": user, "before_ms": before_ms, "op_id": op_id or new_op_id()}
+            )
         )
 
     async def open_session(
@@ -208,12 +219,22 @@ class Client:
     ) -> None:
         await self.call(
             "open_session",
-            {"session": session, "user": user, "edge": edge, "jti": jti, "iat_ms": iat_ms,
-             "op_id": op_id or new_op_id()},
+            {
+                "session": session,
+                "user": user,
+                "edge": edge,
+                "jti": jti,
+                "iat_ms": iat_ms,
+                "op_id": op_id or new_op_id(),
+            },
         )
 
-    async def close_session(self, session: str, *, kick: bool = False, op_id: str | None = None) -> None:
-        await self.call("close_session", {"session": session, "kick": kick, "op_id": op_id or new_op_id()})
+    async def close_session(
+        self, session: str, *, kick: bool = False, op_id: str | None = None
+    ) -> None:
+        await self.call(
+            "close_session", {"session": session, "kick": kick, "op_id": op_id or new_op_id()}
+        )
 
     async def renew_lease(self, edge: str, ttl: float, *, op_id: str | None = None) -> None:
         await self.call("renew_lease", {"edge": edge, "ttl": ttl, "op_id": op_id or new_op_id()})
@@ -223,7 +244,9 @@ class Client:
 
     async def cas(self, key: str, expected: Any, new: Any, *, op_id: str | None = None) -> bool:
         return bool(
-            await self.call("cas", {"key": key, "expected": expected, "new": new, "op_id": op_id or new_op_id()})
+            await self.call(
+                "cas", {"key": key, "expected": expected, "new": new, "op_id": op_id or new_op_id()}
+            )
         )
 
     # ---------------------------------------------------------------- reads
@@ -278,7 +301,9 @@ class RemoteSubscription:
         conn = self._conn
         if new and conn is not None and not conn.closed:
             with contextlib.suppress(IrisError):
-                await conn.call("subscribe_add", {"users": sorted(new)}, timeout=self._client.timeout)
+                await conn.call(
+                    "subscribe_add", {"users": sorted(new)}, timeout=self._client.timeout
+                )
 
     async def remove_users(self, users: Iterable[str]) -> None:
         gone = set(users) & self.users
@@ -286,7 +311,9 @@ class RemoteSubscription:
         conn = self._conn
         if gone and conn is not None and not conn.closed:
             with contextlib.suppress(IrisError):
-                await conn.call("subscribe_remove", {"users": sorted(gone)}, timeout=self._client.timeout)
+                await conn.call(
+                    "subscribe_remove", {"users": sorted(gone)}, timeout=self._client.timeout
+                )
 
     async def _run(self) -> None:
         with self._cancel:
@@ -314,11 +341,15 @@ class RemoteSubscription:
                     connect_timeout=self._client._connect_timeout,
                 ) as conn:
                     pushes = conn.pushes("events")
-                    await conn.call("subscribe", {"users": sorted(self.users)}, timeout=self._client.timeout)
+                    await conn.call(
+                        "subscribe", {"users": sorted(self.users)}, timeout=self._client.timeout
+                    )
                     self._conn = conn
                     self.connected_to = address
                     self.resubscriptions += 1
-                    await self._send.send(Resync("subscribed" if self.resubscriptions == 1 else "resubscribed"))
+                    await self._send.send(
+                        Resync("subscribed" if self.resubscriptions == 1 else "resubscribed")
+                    )
                     async for push in pushes:
                         if push.get("lost"):
                             raise Unavailable("the core dropped this subscription (fell behind)")

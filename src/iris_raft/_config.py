@@ -478,7 +478,9 @@ def _normalize(key: str, spec: _Spec, value: object) -> Any:
             except (TypeError, ValueError):
                 raise _bad(key, value, "must be a table of 'host:port' = 'host:port'") from None
         if not isinstance(value, dict):
-            raise _bad(key, value, f"must be a table of 'host:port' = 'host:port', got {_type_name(value)}")
+            raise _bad(
+                key, value, f"must be a table of 'host:port' = 'host:port', got {_type_name(value)}"
+            )
         pairs = []
         for peer, target in value.items():
             if not isinstance(peer, str) or not isinstance(target, str):

@@ -18,7 +18,9 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def dev_config(data_dir: str, *, raft_port: int | None = None, rpc_port: int | None = None) -> IrisConfig:
+def dev_config(
+    data_dir: str, *, raft_port: int | None = None, rpc_port: int | None = None
+) -> IrisConfig:
     """A single-node configuration that keeps everything under ``data_dir``.
 
     The Raft and RPC ports are remembered in the folder so a restart reuses them.
@@ -46,5 +48,7 @@ def dev_rpc_address(data_dir: str) -> str:
         with open(os.path.join(data_dir, "dev-ports")) as f:
             _raft, rpc = (int(x) for x in f.read().split()[:2])
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{data_dir} is not an iris dev data folder ({exc})", key="--data-dir") from None
+        raise ConfigError(
+            f"{data_dir} is not an iris dev data folder ({exc})", key="--data-dir"
+        ) from None
     return f"127.0.0.1:{rpc}"

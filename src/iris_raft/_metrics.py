@@ -27,7 +27,7 @@ _RAFT_STATES = {"follower": 0, "candidate": 1, "leader": 2}
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -60,17 +60,29 @@ class CoreMetrics:
         self.node = node
         self.registry = CollectorRegistry()
         r = self.registry
-        self.safe = Gauge("iris_core_safe_for_writes", "1 when the partition guard allows writes", registry=r)
-        self.raft_state = Gauge("iris_core_raft_state", "0 follower, 1 candidate, 2 leader", registry=r)
+        self.safe = Gauge(
+            "iris_core_safe_for_writes", "1 when the partition guard allows writes", registry=r
+        )
+        self.raft_state = Gauge(
+            "iris_core_raft_state", "0 follower, 1 candidate, 2 leader", registry=r
+        )
         self.term = Gauge("iris_core_raft_term", "current Raft term", registry=r)
         self.commit = Gauge("iris_core_raft_commit_index", "Raft commit index", registry=r)
         self.applied = Gauge("iris_core_raft_last_applied", "last applied Raft index", registry=r)
-        self.peers = Gauge("iris_core_reachable_nodes", "cluster nodes reachable (self included)", registry=r)
+        self.peers = Gauge(
+            "iris_core_reachable_nodes", "cluster nodes reachable (self included)", registry=r
+        )
         self.expected = Gauge("iris_core_cluster_nodes", "cluster members", registry=r)
         self.wal_backlog = Gauge("iris_core_wal_backlog", "WAL records not yet in Raft", registry=r)
-        self.queue = Gauge("iris_core_batcher_queue", "operations waiting for a replicated call", registry=r)
-        self.state_bytes = Gauge("iris_core_state_bytes", "estimated replicated state size", registry=r)
-        self.max_state = Gauge("iris_core_max_state_bytes", "configured max_state_bytes", registry=r)
+        self.queue = Gauge(
+            "iris_core_batcher_queue", "operations waiting for a replicated call", registry=r
+        )
+        self.state_bytes = Gauge(
+            "iris_core_state_bytes", "estimated replicated state size", registry=r
+        )
+        self.max_state = Gauge(
+            "iris_core_max_state_bytes", "configured max_state_bytes", registry=r
+        )
         self.messages = Gauge("iris_core_stored_messages", "stored messages", registry=r)
         self.sessions = Gauge("iris_core_sessions", "registered sessions", registry=r)
         self.subscriptions = Gauge("iris_core_subscriptions", "live edge subscriptions", registry=r)

@@ -93,10 +93,8 @@ from ._state import (
     AckEvent,
     Event,
     IrisState,
-    KickEvent,
     MessageEvent,
     Result,
-    RevokeEvent,
     StoredMessage,
 )
 from ._wal import DurableLog, is_volatile_filesystem, open_wal
@@ -216,7 +214,9 @@ class _Batcher:
                 continue
             limits = self._limits()
             if items[0].unlimited:
-                limits = Limits(_UNLIMITED, _UNLIMITED, limits.message_ttl_ms, limits.dedup_window_ms)
+                limits = Limits(
+                    _UNLIMITED, _UNLIMITED, limits.message_ttl_ms, limits.dedup_window_ms
+                )
             payload = encode_batch(
                 Batch(self._clock(), self._origin, limits, tuple(i.op for i in items))
             )
@@ -397,14 +397,14 @@ class Node:
         token = trio.lowlevel.current_trio_token()
 
         def on_events(events: list[Event]) -> None:  # tick thread
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(self._hub.dispatch, events)
-            except trio.RunFinishedError:
-                pass
 
         self._raft.consumer.on_events = on_events
         if _UNSAFE_ACK:
-            logger.critical("IRIS_TEST_UNSAFE_ACK is set: sends are acknowledged BEFORE they are durable")
+            logger.critical(
+                "IRIS_TEST_UNSAFE_ACK is set: sends are acknowledged BEFORE they are durable"
+            )
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._batcher.run)
@@ -449,7 +449,9 @@ class Node:
                         ", ".join(transition.members),
                     )
                 elif transition.first:
-                    logger.info("quorum reached (%s): writes enabled", ", ".join(transition.reachable))
+                    logger.info(
+                        "quorum reached (%s): writes enabled", ", ".join(transition.reachable)
+                    )
                 else:
                     logger.warning(
                         "partition healed - writes re-enabled (reachable %s)",
@@ -594,9 +596,7 @@ class Node:
             raise TokenRevoked(message)
         raise error_from_code(code, message)
 
-    async def send(
-        self, sender: str, client_id: str, recipient: str, body: bytes
-    ) -> SendResult:
+    async def send(self, sender: str, client_id: str, recipient: str, body: bytes) -> SendResult:
         """Store a message for ``recipient``; durable under the cluster's mode on return.
 
         Repeating ``(sender, client_id)`` within the dedup window returns the
@@ -700,7 +700,9 @@ class Node:
         (result,) = await self._write([op])
         self._raise_for(result)
 
-    async def close_session(self, session: str, *, kick: bool = False, op_id: str | None = None) -> None:
+    async def close_session(
+        self, session: str, *, kick: bool = False, op_id: str | None = None
+    ) -> None:
         """Drop a session; with ``kick`` the edge holding it closes the connection."""
         check_text("session", session)
         (result,) = await self._write([CloseSession(op_id or new_op_id(), session, kick)])
@@ -741,13 +743,17 @@ class Node:
         if self.mode is not ConsistencyMode.CP:
             return
         if not self.guard.safe:
-            raise Unavailable("this core cannot reach a majority; a linearizable read is impossible")
+            raise Unavailable(
+                "this core cannot reach a majority; a linearizable read is impossible"
+            )
         try:
             await self._batcher.submit([Barrier()], trio.current_time() + self._timeout)
         except UnknownOutcome:
             raise Unavailable("the read barrier did not commit in time") from None
 
-    async def read(self, fn: Callable[[IrisState], Any], *, linearizable: bool | None = None) -> Any:
+    async def read(
+        self, fn: Callable[[IrisState], Any], *, linearizable: bool | None = None
+    ) -> Any:
         """Run ``fn`` on the state: after a barrier in ``cp`` (or when asked), else locally."""
         if linearizable is None:
             await self._read_barrier()
@@ -828,14 +834,20 @@ class Node:
             else:
                 age = now - heard[node] if node in heard else None
                 reachable = age is not None and age <= self.guard.detect_after
-                state = "leader" if raft.get("leader") == node else ("reachable" if reachable else "unreachable")
+                state = (
+                    "leader"
+                    if raft.get("leader") == node
+                    else ("reachable" if reachable else "unreachable")
+                )
             nodes.append(
                 {
                     "node": node,
                     "rpc": members.get(node),
                     "reachable": reachable,
                     "state": state,
-                    "last_heard_s": None if node == self.node_id or node not in heard else round(now - heard[node], 3),
+                    "last_heard_s": None
+                    if node == self.node_id or node not in heard
+                    else round(now - heard[node], 3),
                 }
             )
         stats = self._raft.read_state(lambda s: s.statistics())
@@ -849,7 +861,9 @@ class Node:
             "safe_for_writes": self.guard.safe,
             "partition_state": self.guard.state.value,
             "nodes": nodes,
-            "wal": None if self._wal is None else {**self._wal.statistics(), "undrained": len(self._undrained)},
+            "wal": None
+            if self._wal is None
+            else {**self._wal.statistics(), "undrained": len(self._undrained)},
             "wal_backlog": 0 if self._wal is None else len(self._undrained),
             "batcher": {
                 "queued": len(self._batcher),

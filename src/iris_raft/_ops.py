@@ -284,7 +284,9 @@ def decode_batch_header(payload: bytes) -> tuple[int, str, Limits, list[Any]]:
         raw = cbor2.loads(payload)
     except Exception as exc:  # cbor2 raises several types for garbage
         raise BadRequest(f"batch is not valid CBOR: {exc}") from None
-    if not (isinstance(raw, list) and len(raw) == 5 and type(raw[0]) is int and raw[0] == BATCH_VERSION):
+    if not (
+        isinstance(raw, list) and len(raw) == 5 and type(raw[0]) is int and raw[0] == BATCH_VERSION
+    ):
         raise BadRequest("batch has the wrong shape or version")
     _, now_ms, origin, lim, ops = raw
     if not (

@@ -26,6 +26,7 @@ lives until :meth:`RaftHost.stop`; the trio side never blocks on PySyncObj.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -65,7 +66,7 @@ class GuardTransport(TCPTransport):  # type: ignore[misc]
     address instead (a NAT mapping, or a fault-injection proxy).
     """
 
-    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:  # noqa: N803
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self.last_heard: dict[str, float] = {}
         self._last_beat = 0.0
         self._interval: float = getattr(syncObj, "_iris_heartbeat", 0.1)
@@ -73,13 +74,13 @@ class GuardTransport(TCPTransport):  # type: ignore[misc]
         super().__init__(syncObj, selfNode, otherNodes)
         syncObj.addOnTickCallback(self._heartbeat)
 
-    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
         self.last_heard[node.id] = time.monotonic()
         if isinstance(message, dict) and message.get("type") == "iris_hb":
             return
         super()._onMessageReceived(node, message)
 
-    def _connectIfNecessarySingle(self, node: Any) -> bool:  # noqa: N802
+    def _connectIfNecessarySingle(self, node: Any) -> bool:
         target = self._dial.get(node.id)
         if target is None:
             return bool(super()._connectIfNecessarySingle(node))
@@ -157,7 +158,9 @@ class _StateConsumer(SyncObjConsumer):  # type: ignore[misc]
 class _IrisSyncObj(SyncObj):  # type: ignore[misc]
     """Carries our transport settings (set before PySyncObj's constructor builds the transport)."""
 
-    def __init__(self, *args: Any, heartbeat: float, dial: dict[str, tuple[str, int]], **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, heartbeat: float, dial: dict[str, tuple[str, int]], **kw: Any
+    ) -> None:
         # Set before super().__init__(), so they are not part of snapshots.
         self._iris_heartbeat = heartbeat
         self._iris_dial = dial
@@ -323,10 +326,8 @@ class RaftHost:
             done.set()
 
         def callback(res: Any, err: int) -> None:  # tick thread
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(deliver, res, err)
-            except trio.RunFinishedError:
-                pass
 
         self.consumer.apply_batch(payload, callback=callback)
         with trio.move_on_after(timeout):
@@ -396,10 +397,8 @@ class RaftHost:
                 box.append((res, err))
                 done.set()
 
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(deliver)
-            except trio.RunFinishedError:
-                pass
 
         if add is not None:
             self.sync.addNodeToCluster(add, callback=callback)

@@ -17,6 +17,7 @@ ends with the connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,9 @@ Handler = Callable[[Node, RpcServerConnection, dict[str, Any]], Awaitable[Any]]
 _MISSING = object()
 
 
-def _get(params: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+def _get(
+    params: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = _MISSING
+) -> Any:
     value = params.get(name, _MISSING)
     if value is _MISSING or value is None:
         if default is _MISSING:
@@ -56,7 +59,10 @@ def _text_list(params: dict[str, Any], name: str) -> list[str]:
 
 async def _send(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
     res = await node.send(
-        _get(p, "sender", str), _get(p, "client_id", str), _get(p, "to", str), _get(p, "body", bytes)
+        _get(p, "sender", str),
+        _get(p, "client_id", str),
+        _get(p, "to", str),
+        _get(p, "body", bytes),
     )
     return {"mid": res.mid, "ts": res.ts, "duplicate": res.duplicate}
 
@@ -72,18 +78,24 @@ async def _fetch(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> An
 
 
 async def _revoke_token(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
-    await node.revoke_token(_get(p, "jti", str), _get(p, "exp_ms", int), op_id=_get(p, "op_id", str, None))
+    await node.revoke_token(
+        _get(p, "jti", str), _get(p, "exp_ms", int), op_id=_get(p, "op_id", str, None)
+    )
     return True
 
 
 async def _revoke_user(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
     return await node.revoke_user(
-        _get(p, "user", str), before_ms=_get(p, "before_ms", int, None), op_id=_get(p, "op_id", str, None)
+        _get(p, "user", str),
+        before_ms=_get(p, "before_ms", int, None),
+        op_id=_get(p, "op_id", str, None),
     )
 
 
 async def _is_revoked(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
-    return await node.is_revoked(_get(p, "user", str), _get(p, "jti", str), _get(p, "iat_ms", int, None))
+    return await node.is_revoked(
+        _get(p, "user", str), _get(p, "jti", str), _get(p, "iat_ms", int, None)
+    )
 
 
 async def _open_session(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
@@ -100,13 +112,17 @@ async def _open_session(node: Node, conn: RpcServerConnection, p: dict[str, Any]
 
 async def _close_session(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
     await node.close_session(
-        _get(p, "session", str), kick=_get(p, "kick", bool, False), op_id=_get(p, "op_id", str, None)
+        _get(p, "session", str),
+        kick=_get(p, "kick", bool, False),
+        op_id=_get(p, "op_id", str, None),
     )
     return True
 
 
 async def _renew_lease(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
-    await node.renew_lease(_get(p, "edge", str), float(_get(p, "ttl", (int, float))), op_id=_get(p, "op_id", str, None))
+    await node.renew_lease(
+        _get(p, "edge", str), float(_get(p, "ttl", (int, float))), op_id=_get(p, "op_id", str, None)
+    )
     return True
 
 
@@ -118,7 +134,9 @@ async def _put(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
 
 
 async def _cas(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
-    return await node.cas(_get(p, "key", str), p.get("expected"), p.get("new"), op_id=_get(p, "op_id", str, None))
+    return await node.cas(
+        _get(p, "key", str), p.get("expected"), p.get("new"), op_id=_get(p, "op_id", str, None)
+    )
 
 
 async def _get_register(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
@@ -134,7 +152,11 @@ async def _members(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> 
 
 
 async def _ping(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
-    return {"node": node.node_id, "safe_for_writes": node.is_safe_for_writes(), "mode": node.mode.value}
+    return {
+        "node": node.node_id,
+        "safe_for_writes": node.is_safe_for_writes(),
+        "mode": node.mode.value,
+    }
 
 
 async def _add_node(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
@@ -181,10 +203,8 @@ async def _forward(conn: RpcServerConnection, sub: Subscription) -> None:
                 batch.append(event_to_wire(ev))
             await conn.push("events", {"events": batch})
     except SubscriptionLost:
-        try:
+        with contextlib.suppress(Exception):
             await conn.push("events", {"lost": True})
-        except Exception:
-            pass
     except Exception:
         logger.debug("subscription forwarder ended", exc_info=True)
 
@@ -237,7 +257,9 @@ class CoreServer:
         sub.add_users(_text_list(p, "users"))
         return True
 
-    async def _subscribe_remove(self, node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
+    async def _subscribe_remove(
+        self, node: Node, conn: RpcServerConnection, p: dict[str, Any]
+    ) -> Any:
         sub = conn.state.get("sub")
         if sub is None:
             raise BadRequest("no subscription on this connection")
@@ -282,7 +304,12 @@ async def serve_core(
         server = CoreServer(node, nursery)
         listeners = await nursery.start(
             lambda task_status: serve_rpc(
-                server.handle, host, port, secret=secret, ssl_context=ssl_context, task_status=task_status
+                server.handle,
+                host,
+                port,
+                secret=secret,
+                ssl_context=ssl_context,
+                task_status=task_status,
             )
         )
         task_status.started(listeners)

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import trio
+from jepsen_like.cluster import CoreProcess, allocate_ports, open_cluster
 
 import iris_raft
 from iris_raft import MessageEvent, Resync
-from jepsen_like.cluster import CoreProcess, allocate_ports, open_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -35,7 +35,9 @@ async def _wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  #
 async def test_join_a_fourth_core_and_status_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with trio.fail_after(90):
         async with open_cluster(str(tmp_path), nodes=3, mode="cp") as cluster:
-            async with iris_raft.open_client(cluster.rpc_addresses, secret=cluster.secret) as client:
+            async with iris_raft.open_client(
+                cluster.rpc_addresses, secret=cluster.secret
+            ) as client:
                 await client.send("alice", "before-join", "bob", b"1")
                 raft, rpc = allocate_ports(2)
                 new = CoreProcess(
@@ -82,7 +84,9 @@ async def test_backup_then_restore_whole_cluster(tmp_path) -> None:  # type: ign
     backup = str(tmp_path / "cluster.iris-backup")
     with trio.fail_after(120):
         async with open_cluster(str(tmp_path / "run"), nodes=3, mode="cp") as cluster:
-            async with iris_raft.open_client(cluster.rpc_addresses, secret=cluster.secret) as client:
+            async with iris_raft.open_client(
+                cluster.rpc_addresses, secret=cluster.secret
+            ) as client:
                 for i in range(20):
                     await client.send("alice", f"m{i}", "bob", f"body {i}".encode())
                 await client.revoke_user("mallory")
@@ -94,7 +98,9 @@ async def test_backup_then_restore_whole_cluster(tmp_path) -> None:  # type: ign
             assert "20 messages" in result.stdout
 
             # Writes after the backup are gone after the restore.
-            async with iris_raft.open_client(cluster.rpc_addresses, secret=cluster.secret) as client:
+            async with iris_raft.open_client(
+                cluster.rpc_addresses, secret=cluster.secret
+            ) as client:
                 await client.send("alice", "late", "bob", b"late")
             for i in range(3):
                 await cluster.stop(i)
@@ -107,7 +113,9 @@ async def test_backup_then_restore_whole_cluster(tmp_path) -> None:  # type: ign
             for i in range(3):
                 await cluster.start(i)
             await cluster.wait_leader()
-            async with iris_raft.open_client(cluster.rpc_addresses, secret=cluster.secret) as client:
+            async with iris_raft.open_client(
+                cluster.rpc_addresses, secret=cluster.secret
+            ) as client:
                 inbox = await client.fetch_inbox("bob")
                 assert [m.body for m in inbox] == [f"body {i}".encode() for i in range(20)]
                 assert await client.is_revoked("mallory", "any-jti", 0)
@@ -148,7 +156,9 @@ async def test_subscription_survives_a_core_kill(tmp_path) -> None:  # type: ign
     """At-least-once across a core failover: refetch after Resync closes the gap."""
     with trio.fail_after(90):
         async with open_cluster(str(tmp_path), nodes=3, mode="cp") as cluster:
-            async with iris_raft.open_client(cluster.rpc_addresses, secret=cluster.secret) as client:
+            async with iris_raft.open_client(
+                cluster.rpc_addresses, secret=cluster.secret
+            ) as client:
                 sub = client.subscribe(["bob"])
                 seen: set[str] = set()
                 resyncs = 0

@@ -21,8 +21,20 @@ pytestmark = pytest.mark.cluster
 def test_smoke_set(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, "-m", "jepsen_like", "run", "--scenario", "smoke", "--nodes", "3",
-         "--time", os.environ.get("IRIS_HARNESS_SMOKE_TIME", "8"), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "jepsen_like",
+            "run",
+            "--scenario",
+            "smoke",
+            "--nodes",
+            "3",
+            "--time",
+            os.environ.get("IRIS_HARNESS_SMOKE_TIME", "8"),
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -42,27 +54,48 @@ def test_smoke_set(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # Every run wrote its outputs.
     for r in summary:
         if not r["skipped"]:
-            for f in ("history.jsonl", "results.json", "report.txt", "latency.png", "throughput.png"):
+            for f in (
+                "history.jsonl",
+                "results.json",
+                "report.txt",
+                "latency.png",
+                "throughput.png",
+            ):
                 assert os.path.exists(os.path.join(r["out"], f)), (r["out"], f)
     # A stored history can be re-checked.
     again = subprocess.run(
-        [sys.executable, "-m", "jepsen_like", "check", by_name[("messages-kill-leader", "cp")]["out"]],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "jepsen_like",
+            "check",
+            by_name[("messages-kill-leader", "cp")]["out"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 0, again.stdout + again.stderr
 
 
 def test_list_names_at_least_ten_scenarios() -> None:
-    result = subprocess.run([sys.executable, "-m", "jepsen_like", "list"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "jepsen_like", "list"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
-    names = [line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+    names = [
+        line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")
+    ]
     assert len(names) >= 10
     assert "register-canary-local-reads" in names
 
 
 def test_unknown_scenario_is_a_usage_error() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "jepsen_like", "run", "--scenario", "nope"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "jepsen_like", "run", "--scenario", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "unknown scenario" in result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import trio
-
 from jepsen_like.proxy import LinkMode, LinkProxy
 
 

@@ -1176,7 +1176,10 @@ def test_a_revoked_token_cannot_open_a_session() -> None:
         (False, "token_revoked", "the token is revoked")
     ]
     apply(state, 3, RevokeUser("ru", "eve", 100, 10**6))
-    assert apply(state, 4, OpenSession("o2", "s2", "eve", "e1", "j2", 99, 4))[0][0][1] == "token_revoked"
+    assert (
+        apply(state, 4, OpenSession("o2", "s2", "eve", "e1", "j2", 99, 4))[0][0][1]
+        == "token_revoked"
+    )
     assert apply(state, 5, OpenSession("o3", "s3", "eve", "e1", "j3", 100, 5))[0] == [(True, None)]
     assert set(state.sessions) == {"s3"}
 
