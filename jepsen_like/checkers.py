@@ -240,17 +240,45 @@ def _cas_args(inv: Op) -> tuple[Hashable, Hashable]:
     return _freeze(value[0]), _freeze(value[1])
 
 
-def _simplify(ops: list[_RegOp], counts: Counter[str] | None = None) -> list[_RegOp]:
+def _simplify(
+    ops: list[_RegOp], counts: Counter[str] | None = None, *, any_start: bool = False
+) -> list[_RegOp]:
     """Copies of ``ops`` with unobservable values merged and useless ops dropped.
 
-    Values that no read returned and no cas expected are indistinguishable to
-    every op (each one only compares the state with observed values), so they
-    all become :data:`_OPAQUE`: fewer states to tell apart. An optional write
-    of such a value is dropped when no cas returned "not swapped": if it took
-    effect, nothing saw it, and the next op to touch the register overwrote
-    it, so removing it leaves a linearization. (A "not swapped" cas observes
-    inequality, so with one of those the write is kept.)
+    * An optional cas whose expected value no op writes can only swap in the
+      initial state: with ``any_start`` (a window starting from :data:`_ANY`)
+      it becomes an optional write of its new value (more permissive: fine
+      for a window), otherwise, unless it expects the initial None, it never
+      takes effect and is dropped (repeated until nothing changes).
+    * Values that no read returned and no cas expected are indistinguishable
+      to every op (each one only compares the state with observed values),
+      so they all become :data:`_OPAQUE`: fewer states to tell apart.
+    * An optional write of such a value is dropped when no cas returned "not
+      swapped": if it took effect, nothing saw it, and the next op to touch
+      the register overwrote it, so removing it leaves a linearization. (A
+      "not swapped" cas observes inequality, so with one of those it stays.)
     """
+    ops = list(ops)
+    while True:
+        writable = {op.arg for op in ops if op.kind == _WRITE}
+        writable.update(op.new for op in ops if op.kind == _CAS)
+        if not any_start:
+            writable.add(None)
+        stuck = [op for op in ops if not op.required and op.kind == _CAS and op.arg not in writable]
+        if not stuck:
+            break
+        if any_start:
+            ops = [
+                _RegOp(_WRITE, op.new, None, False, op.invoke, op.completion)
+                if not op.required and op.kind == _CAS and op.arg not in writable
+                else op
+                for op in ops
+            ]
+            break
+        if counts is not None:
+            counts["pruned"] += len(stuck)
+        ops = [op for op in ops if op.required or op.kind != _CAS or op.arg in writable]
+
     observed = {op.arg for op in ops if op.kind != _WRITE}
     no_swap = any(op.kind == _CAS_NO_SWAP for op in ops)
     kept: list[_RegOp] = []
@@ -565,7 +593,7 @@ def _check_key(raw: list[_RegOp], time_up: Callable[[], bool], counts: Counter[s
             if start == end:
                 continue  # every window searched
             bounds = (raw[start].invoke.index, raw[end - 1].invoke.index)
-            relaxed = _simplify(windows.ops(start, end))
+            relaxed = _simplify(windows.ops(start, end), any_start=True)
             window = _searching(relaxed, _ANY, _WINDOW_STEPS_PER_OP * len(relaxed) + 1_000)
             window_done = 0
             counts["windows_searched"] += 1

@@ -37,7 +37,7 @@ from ._auth import issue_token
 from ._core import CoreAccess, LocalCore, RemoteCore
 from ._metrics import EdgeMetrics
 from ._server import EdgeServer, EdgeSettings
-from ._tune import auto_tune
+from ._tune import Tuning, auto_tune
 
 logger = logging.getLogger("iris_edge")
 
@@ -103,10 +103,11 @@ async def serve_edge(
     jwt_secret: str | None,
     ready: Callable[[dict[str, Any]], None] | None = None,
     edge_id: str | None = None,
+    tuning: Tuning | None = None,
 ) -> None:
     """Serve the edge until SIGTERM/SIGINT, then drain."""
     edge = config.edge
-    tuning = auto_tune(edge.max_connections, edge.router_pool_size)
+    tuning = tuning or auto_tune(edge.max_connections, edge.router_pool_size)
     metrics = EdgeMetrics()
     metrics.target_capacity.set(tuning.max_connections)
     settings = EdgeSettings(
@@ -157,9 +158,9 @@ async def run_edge(config: IrisConfig) -> None:
             "allow_random_secret = true is for development only",
             key="edge.jwt_secret",
         )
-    pool = config.edge.router_pool_size or 4
-    async with open_remote_core(config, pool) as core:
-        await serve_edge(core, config, jwt_secret=secret)
+    tuning = auto_tune(config.edge.max_connections, config.edge.router_pool_size)
+    async with open_remote_core(config, tuning.router_pool_size) as core:
+        await serve_edge(core, config, jwt_secret=secret, tuning=tuning)
 
 
 async def run_dev(config: IrisConfig, data_dir: str, *, token_user: str = "dev-user") -> None:

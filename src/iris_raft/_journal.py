@@ -11,9 +11,46 @@ node fail to apply forever. :class:`ChecksummedJournal` implements the same
   ``<u64 idx> <u64 term> <command>``; Raft indexes are consecutive;
 * persist before acknowledge: :meth:`~ChecksummedJournal.add` writes the record
   and ``fdatasync`` s before it returns, because PySyncObj acknowledges an entry
-  (and counts itself toward a commit) as soon as ``add`` returns;
-  :meth:`~ChecksummedJournal.deleteEntriesFrom` truncates and fsyncs (``clear``
-  and the ``add`` s after it: see "loading a snapshot" below);
+  (and counts itself toward a commit) as soon as ``add`` returns; an entry is
+  removed from the file only when Raft requires it (``deleteEntriesFrom``: see
+  "conflicts" below; ``clear``: see "loading a snapshot" below);
+* conflicts (Raft §5.3: "if an existing entry conflicts with a new one (same
+  index but different terms), delete the existing entry and all that follow
+  it"): PySyncObj's follower calls ``deleteEntriesFrom(prevLogIdx + 1)``
+  whenever it holds entries after ``prevLogIdx``, without comparing terms, and
+  then ``add`` s the leader's entries. With ``appendEntriesUseBatch=False`` the
+  leader routinely re-sends entries the follower already has (a delayed success
+  reply moves its next index back), so an eager truncation would make the
+  follower durably forget entries it had acknowledged, which may already count
+  toward a commit; a crash of every node in that window then loses committed
+  writes. ``deleteEntriesFrom`` therefore only records a cursor. Each following
+  ``add`` of the entry at the cursor with the same index and term is the same
+  entry (log matching) and is kept without any write; the first ``add`` at the
+  cursor with another term (or command length) truncates there (ftruncate,
+  fsync) and appends. An ``add`` right after the last entry, any other change
+  (``clear``, ``deleteEntriesTo``, ``deleteEntriesFrom``) and closing end the
+  walk and keep the remaining entries, as Raft does when no conflict shows up
+  (e.g. a heartbeat). Reads always show every entry still in the log.
+  PySyncObj copes with a log longer than the entries just added: its reply
+  (``nextNodeIdx``) counts only those, which is merely conservative. Its commit
+  index is ``min(leaderCommit, last log index)`` where Raft says "index of last
+  new entry"; that could mark a kept entry committed that conflicts with the
+  leader's log only if an append_entries matched up to just before such an entry
+  and ended there while the leader had committed past it. PySyncObj's leader
+  sends from its next index for the node to the end of its log (in batches),
+  that index starts at or past the follower's first conflicting index k (a new
+  leader appends a no-op of its own term) and is lowered only to the follower's
+  log end, to a rejected index (both >= k) or to just after entries the follower
+  accepted (below k only if they were sent from below k); by induction it stays
+  >= k, so an append_entries is either rejected (``prevLogIdx`` >= k has another
+  term) or has ``prevLogIdx`` = k - 1 and starts with entry k, whose ``add``
+  truncates, while the conflicting entry is there.
+  Exceptions: ``deleteEntriesFrom(0)`` (no anchoring entry; PySyncObj
+  never calls it) truncates at once, and so does a membership change
+  (``_COMMAND_TYPE.MEMBERSHIP``) at or after the cursor: PySyncObj has already
+  rolled back the effect of every entry after ``prevLogIdx`` and re-applies only
+  those it adds, so the log is cut at the first such entry, keeping the
+  in-memory membership in step with the log (it is re-appended when re-sent);
 * ``currentTerm`` and ``votedForNodeId`` are written (atomically, fsynced) in
   ``setCurrentTerm`` before PySyncObj sends the vote or message that reflects
   them; the commit index is only an optimisation and is written lazily once a
@@ -49,9 +86,9 @@ node fail to apply forever. :class:`ChecksummedJournal` implements the same
   pages): every later write raises until the process restarts and re-reads the
   file.
 
-Memory: entries are indexed by four compact integer arrays (offset, length, idx,
-term); commands are read back with ``os.pread`` (checksum verified again), and
-the most recent ones, which replication and apply read, are kept in a bounded
+Memory: entries are indexed by five compact integer arrays (offset, length, idx,
+term, membership flag); commands are read back with ``os.pread`` (checksum
+verified again), and the most recent ones, which replication and apply read, are kept in a bounded
 cache, so a long log does not live in RAM twice.
 
 PySyncObj builds its journal itself, in ``SyncObj.__init__``, by calling the
@@ -102,11 +139,17 @@ log = logging.getLogger("iris_raft.journal")
 Entry = tuple[bytes, int, int]
 
 _ENTRY = struct.Struct("<QQ")
+#: First command byte of a PySyncObj membership change (add or remove a node).
+_MEMBERSHIP = bytes([syncobj_module._COMMAND_TYPE.MEMBERSHIP])
 _META_VERSION = 1
 _COPY_CHUNK = 1 << 20
 #: Default number and total size of recent commands kept in memory.
 DEFAULT_CACHE_ENTRIES = 4096
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
+
+
+def _is_membership(command: bytes | memoryview) -> int:
+    return 1 if bytes(command[:1]) == _MEMBERSHIP else 0
 
 
 def _as_bytes(command: bytes | bytearray | memoryview | str) -> bytes:
@@ -138,11 +181,13 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         self._directory = os.path.dirname(os.path.abspath(path))
         self._cache_limit = cache_entries
         self._cache_byte_limit = cache_bytes
-        # Per entry: offset of its record, payload length, Raft idx and term.
+        # Per entry: offset of its record, payload length, Raft idx and term, and
+        # 1 for a membership change (else 0).
         self._offsets = array("q")
         self._lengths = array("q")
         self._idxs = array("q")
         self._terms = array("q")
+        self._membership = array("B")
         self._end = 0
         # Commands of the last len(self._cache) entries.
         self._cache: deque[bytes] = deque()
@@ -156,6 +201,9 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         # After clear(): the entries added since, which are not on disk yet (the
         # file still holds the old log); None otherwise. See _resolve_pair.
         self._staged: list[Entry] | None = None
+        # After deleteEntriesFrom(): the position of the next entry an add() may
+        # confirm (kept) or replace (truncated from there); None otherwise. See _walk.
+        self._pending_from: int | None = None
         self._open()
 
     # ----------------------------------------------------------------- open
@@ -216,6 +264,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
             self._lengths.append(len(payload))
             self._idxs.append(idx)
             self._terms.append(term)
+            self._membership.append(_is_membership(payload[_ENTRY.size : _ENTRY.size + 1]))
             end = offset + HEADER_SIZE + len(payload)
         if end < size:
             log.warning(
@@ -260,9 +309,13 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         self._write_meta()
 
+    def _columns(self) -> tuple[array[int], ...]:
+        return self._offsets, self._lengths, self._idxs, self._terms, self._membership
+
     def _reset_index(self) -> None:
-        for column in (self._offsets, self._lengths, self._idxs, self._terms):
+        for column in self._columns():
             del column[:]
+        self._pending_from = None
         self._end = 0
         self._cache.clear()
         self._cache_size = 0
@@ -333,7 +386,12 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
     def add(self, command: bytes, idx: int, term: int) -> None:
         """Append entry ``(command, idx, term)`` and fdatasync it before returning.
 
-        Raises :class:`ValueError` if ``idx`` does not follow the last entry and
+        After :meth:`deleteEntriesFrom`, the entry at its cursor with the same index
+        and term is kept instead (nothing is written), and one with another term
+        first truncates the log there (see :meth:`_walk`).
+
+        Raises :class:`ValueError` if ``idx`` does not follow the last entry (or,
+        after ``deleteEntriesFrom``, the last entry before the cursor) and
         :class:`OSError` on I/O errors (after a failed sync the journal refuses
         all further writes).
         """
@@ -341,9 +399,11 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         if self._staged is not None:
             self._add_after_clear((_as_bytes(command), idx, term))
             return
+        data = _as_bytes(command)
+        if self._pending_from is not None and self._walk(data, idx, term):
+            return
         if self._idxs and idx != self._idxs[-1] + 1:
             raise ValueError(f"journal entry {idx} does not follow entry {self._idxs[-1]}")
-        data = _as_bytes(command)
         payload = _ENTRY.pack(idx, term) + data
         record = encode_record(payload)
         try:
@@ -363,6 +423,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         self._lengths.append(len(payload))
         self._idxs.append(idx)
         self._terms.append(term)
+        self._membership.append(_is_membership(data))
         self._end += len(record)
         self._cache.append(data)
         self._cache_size += len(data)
@@ -374,9 +435,55 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         ):
             self._cache_size -= len(self._cache.popleft())
 
+    def _walk(self, data: bytes, idx: int, term: int) -> bool:
+        """Handle ``add(data, idx, term)`` after :meth:`deleteEntriesFrom`; True if kept.
+
+        At the cursor, an entry with the same index, term and command (its length;
+        its bytes too when cached) is kept and the cursor moves on; another one
+        (Raft §5.3: a conflict) truncates the log at the cursor and returns False
+        for the caller to append. An ``add`` right after the last entry ends the
+        walk, keeping every entry. Raises :class:`ValueError` for any other index,
+        leaving the log and the cursor as they were; :class:`OSError` from the
+        truncation.
+        """
+        position = self._pending_from
+        assert position is not None
+        count = len(self._idxs)
+        if idx != self._idxs[position]:
+            if idx == self._idxs[-1] + 1:
+                self._pending_from = None
+                return False
+            raise ValueError(
+                f"journal entry {idx} does not follow entry {self._idxs[position - 1]}"
+            )
+        if term == self._terms[position]:
+            if self._same_command(position, data):
+                position += 1
+                self._pending_from = position if position < count else None
+                return True
+            log.error(
+                "%s: the entry sent for index %d, term %d differs from the one stored; "
+                "replacing it and the entries after it",
+                self.path,
+                idx,
+                term,
+            )
+        self._truncate(position)
+        self._pending_from = None
+        return False
+
+    def _same_command(self, position: int, data: bytes) -> bool:
+        if self._lengths[position] != _ENTRY.size + len(data):
+            return False
+        cached_from = len(self._offsets) - len(self._cache)
+        if position >= cached_from:
+            return self._cache[position - cached_from] == data
+        return True
+
     def _truncate(self, position: int) -> None:
         """Drop entries ``position`` and later from the file (fsynced) and from memory."""
         fd = self._writable_fd()
+        self._pending_from = None
         if position >= len(self._offsets):
             return
         new_end = self._offsets[position]
@@ -387,7 +494,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
             self._failed = exc
             raise
         removed = len(self._offsets) - position
-        for column in (self._offsets, self._lengths, self._idxs, self._terms):
+        for column in self._columns():
             del column[position:]
         self._end = new_end
         for _ in range(min(removed, len(self._cache))):
@@ -403,6 +510,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         """
         self._writable_fd()
         self._settle()
+        self._pending_from = None
         self._staged = []
 
     def _add_after_clear(self, entry: Entry) -> None:
@@ -457,10 +565,38 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         self._clamp_commit_index()
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
-        """Remove entries at positions ``entryFrom`` and later (a Raft log conflict)."""
+        """Mark entries at positions ``entryFrom`` and later as replaceable (Raft §5.3).
+
+        Nothing is removed yet: the following :meth:`add` s keep those that the
+        leader sends again with the same term and truncate at the first one that
+        conflicts (see :meth:`_walk`); without such an ``add`` all stay. Removed at
+        once (truncated, fsynced): everything for ``entryFrom == 0``, and the entries
+        from the first membership change at or after ``entryFrom`` (see the module
+        comment). Replaces the cursor of an earlier call. Raises :class:`OSError`.
+        """
         self._writable_fd()
         self._settle()
-        self._truncate(max(0, entryFrom))
+        self._pending_from = None
+        position = max(0, entryFrom)
+        if position >= len(self._offsets):
+            return
+        if position == 0:
+            self._truncate(0)
+            return
+        try:
+            membership_change = self._membership.index(1, position)
+        except ValueError:
+            pass
+        else:
+            log.info(
+                "%s: dropping entries from index %d on, a membership change that PySyncObj "
+                "rolled back; the leader sends them again",
+                self.path,
+                self._idxs[membership_change],
+            )
+            self._truncate(membership_change)
+        if position < len(self._offsets):
+            self._pending_from = position
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         """Remove entries before position ``entryTo``: compaction after a snapshot.
@@ -471,6 +607,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         """
         self._writable_fd()
         self._settle()
+        self._pending_from = None
         position = min(max(0, entryTo), len(self._offsets))
         if position == 0:
             return
@@ -521,7 +658,10 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         idxs.extend(self._idxs[keep_from:])
         terms = array("q", (term for _, _, term in head))
         terms.extend(self._terms[keep_from:])
+        membership = array("B", (_is_membership(command) for command, _, _ in head))
+        membership.extend(self._membership[keep_from:])
         self._offsets, self._lengths, self._idxs, self._terms = offsets, lengths, idxs, terms
+        self._membership = membership
         self._end += head_size - start
         # The cache holds the commands of the last len(cache) entries: those of the
         # kept entries that were cached, and the head's if all kept entries were.
@@ -674,7 +814,8 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
 
         After ``clear()`` with nothing added since, the journal is emptied on disk
         first. With one entry added since, the old log stays (the pair that decides
-        what to keep is incomplete, as if the node had crashed here).
+        what to keep is incomplete, as if the node had crashed here). After
+        ``deleteEntriesFrom`` every entry still in the log stays.
         """
         if self._fd is None:
             return
@@ -696,6 +837,7 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
 
     def _close_fd(self) -> None:
         self._staged = None
+        self._pending_from = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

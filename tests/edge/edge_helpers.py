@@ -23,6 +23,7 @@ cluster do not see each other's messages.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import os
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -128,7 +130,7 @@ class ClusterThread:
         return self._cluster
 
     def call(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``await afn(*args)`` in the cluster's loop (from a thread that is not a trio loop)."""
+        """Run ``await afn(*args)`` in the cluster's loop (from a thread without a trio loop)."""
         assert self._token is not None
         return trio.from_thread.run(afn, *args, trio_token=self._token)
 
@@ -270,6 +272,10 @@ class Client:
                 return frame
             self.stash.append(frame)
 
+    async def abort(self) -> None:
+        """Drop the TCP connection, as a network failure would (no close handshake)."""
+        await _close_stream(self.ws)
+
     async def ping(self, data: Any = None) -> dict[str, Any]:
         await self.send({"type": "ping", "data": data})
         return await self.wait_for("pong")
@@ -287,7 +293,7 @@ class Client:
                 return exc.code, frames
 
     async def expect_close(self, code: int, error: str | None = None) -> list[dict[str, Any]]:
-        """The connection closes with ``code``; with ``error``, an error frame of that code came first."""
+        """The connection closes with ``code``; with ``error``, that error frame came first."""
         got, frames = await self.closed()
         errors = [f["code"] for f in frames if f.get("type") == "error"]
         assert got == code, f"expected close {code}, got {got} after {frames}"
@@ -354,13 +360,85 @@ async def login(
         yield client
 
 
+class RawWebSocket:
+    """A WebSocket client written by hand over TCP: a client that really never reads.
+
+    (trio-websocket's client always reads in the background, and cannot exit
+    while a message it read waits for the application.) After the handshake
+    nothing is read until :meth:`read_all`, which returns the raw bytes.
+    """
+
+    def __init__(self, stream: trio.SocketStream, pending: bytes) -> None:
+        self.stream = stream
+        self.pending = pending
+
+    @classmethod
+    async def connect(cls, url: str, token: str) -> RawWebSocket:
+        parts = urllib.parse.urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET {parts.path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        await stream.send_all(request.encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"closed during the handshake: {data!r}"
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        return cls(stream, rest)
+
+    async def read_all(self, timeout: float) -> bytes:
+        """What the server sent, until a whole close frame, TCP EOF or ``timeout``."""
+        data = bytearray(self.pending)
+        with trio.move_on_after(timeout):
+            while True:
+                chunk = await self.stream.receive_some(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+                frames, _ = parse_server_frames(bytes(data))
+                if any(opcode == 0x8 for opcode, _ in frames):
+                    break
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self.stream.aclose()
+
+
+def parse_server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """Unmasked WebSocket frames (opcode, payload) in ``data``, and the bytes of a cut last frame."""
+    frames: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        if pos + 2 > len(data):
+            return frames, data[pos:]
+        opcode, length, start = data[pos] & 0x0F, data[pos + 1] & 0x7F, pos + 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            length = int.from_bytes(data[start : start + size], "big")
+            start += size
+        if start + length > len(data):
+            return frames, data[pos:]
+        frames.append((opcode, data[start : start + length]))
+        pos = start + length
+    return frames, b""
+
+
 # ------------------------------------------------------------- processes
 
 
 def start_dev(
     data_dir: Path, port: int, log: Path, timeout: float = 30.0
 ) -> tuple[subprocess.Popen[bytes], str, str]:
-    """``iris dev``: wait for its ``connect to`` and token lines; the process, its url, the token."""
+    """Start ``iris dev`` and wait for its ``connect to`` and token lines: (process, url, token)."""
     out = open(log, "ab")  # noqa: SIM115 -- handed to the child, closed below
     proc = subprocess.Popen(
         [*IRIS, "dev", "--data-dir", str(data_dir), "--port", str(port)],

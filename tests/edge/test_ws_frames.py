@@ -1,4 +1,4 @@
-"""Framing on an authenticated connection (``protocol-v1.md``: Transport; docs/protocol.md: Framing).
+"""Framing on an authenticated connection (``protocol-v1.md``: Transport; docs: Framing).
 
 What closes the connection (1003, 1007, 1009) and what is answered with an
 error frame that leaves it open (``bad_frame``, ``unknown_type``,

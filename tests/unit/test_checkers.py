@@ -616,7 +616,9 @@ def test_a_failing_window_proves_the_history_fails(h: History) -> None:
         for start in range(len(raw))
         for end in range(start + 1, len(raw) + 1)
         if _checkers._search(
-            _checkers._simplify(windows.ops(start, end)), _checkers._ANY, lambda: False
+            _checkers._simplify(windows.ops(start, end), any_start=True),
+            _checkers._ANY,
+            lambda: False,
         ).valid
         is False
     ]

@@ -66,15 +66,27 @@ def _entries(commands: list[bytes], first_idx: int = 1, term: int = 1) -> list[E
 
 # ------------------------------------------------------------------ model test
 
-_add = st.tuples(
-    st.just("add"), st.lists(st.binary(max_size=12), min_size=1, max_size=3), st.integers(1, 50)
-)
+#: Commands; some are PySyncObj membership changes (first byte 2), which a
+#: deleteEntriesFrom truncates at once.
+_command = st.one_of(st.binary(max_size=12), st.sampled_from([b"\x02", b"\x02rem"]))
+#: Several (distinct) strategies, to weight appends over the other operations.
+_adds = [
+    st.tuples(st.just("add"), st.lists(_command, min_size=1, max_size=size), st.integers(1, 50))
+    for size in range(3, 9)
+]
 operations = st.lists(
     st.one_of(
-        _add,
-        _add,
-        _add,
-        st.tuples(st.just("from"), st.floats(0, 1), st.none()),
+        *_adds,
+        # PySyncObj's follower: deleteEntriesFrom, then the leader's entries from
+        # there on, each the same entry (0), another term (1) or the same index and
+        # term with another command (2); none for a heartbeat.
+        st.tuples(
+            st.just("from"),
+            st.integers(-1, 3),
+            st.lists(st.sampled_from([0, 0, 0, 1, 2]), max_size=4),
+        ),
+        st.tuples(st.just("from"), st.integers(-1, 3), st.just([0] * 6)),  # all sent again
+        st.tuples(st.just("from"), st.integers(-1, 3), st.just([])),  # a heartbeat
         st.tuples(st.just("to"), st.floats(0, 1), st.none()),
         st.tuples(st.just("clear"), st.none(), st.none()),
         # PySyncObj loading a snapshot: clear() and add() its last two entries.
@@ -106,7 +118,7 @@ def _check_reads(journal: ChecksummedJournal, model: list[Entry]) -> None:
 
 
 @given(operations, st.sampled_from([1, 3, 1000]))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=250, deadline=None)
 @_without_fsync
 def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entries: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,6 +130,10 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
         # reads as `model` (empty, or one entry added since) and decides at the
         # second add, or at the next other change, what becomes of the old log.
         on_disk: list[Entry] | None = None
+        # After deleteEntriesFrom: the position of the next entry an add can
+        # confirm or replace (None otherwise). Entries from there on stay until an
+        # add conflicts.
+        pending: int | None = None
         term, vote, commit, persisted_commit = 0, None, 1, 1
 
         def open_journal() -> ChecksummedJournal:
@@ -132,7 +148,8 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
                 commit = persisted_commit = clamp(commit)
 
         def settle() -> None:  # the staged log (empty or one entry) becomes the log
-            nonlocal on_disk
+            nonlocal on_disk, pending
+            pending = None
             if on_disk is not None:
                 on_disk = None
                 lower_commit()
@@ -145,8 +162,9 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
             model.clear()
 
         def add(entry: Entry) -> None:
-            nonlocal on_disk
+            nonlocal on_disk, pending
             journal.add(*entry)
+            pending = None  # an add after the last entry ends a walk, keeping all
             model.append(entry)
             if on_disk is not None and len(model) == 2:
                 # Raft §7: an old entry with the index and term of the snapshot's last
@@ -176,17 +194,45 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
                     clear()
                     add(entry0)
                     add(entry1)
-                elif op == "from":
-                    position = int(a * len(model))
+                elif op == "from":  # a entries before the last one (-1: after it)
+                    position = max(0, len(model) - 1 - a)
                     journal.deleteEntriesFrom(position)
                     settle()
-                    del model[position:]
+                    if position == 0:  # nothing anchors the new entries: immediate
+                        model.clear()
+                    membership = [
+                        i for i in range(position, len(model)) if model[i][0][:1] == b"\x02"
+                    ]
+                    if membership:  # PySyncObj rolled it back: truncated at once
+                        del model[membership[0] :]
+                        event("from: truncated at a membership change")
                     lower_commit()
+                    pending = position if position < len(model) else None
+                    for kind in b:
+                        if pending is None:
+                            break
+                        command, idx, entry_term = model[pending]
+                        if kind == 0:
+                            journal.add(command, idx, entry_term)
+                            pending = pending + 1 if pending + 1 < len(model) else None
+                            event("resend: kept")
+                            continue
+                        if kind == 1:
+                            entry = (command, idx, entry_term + 1)
+                        else:
+                            entry = (command + b"+", idx, entry_term)
+                        journal.add(*entry)
+                        del model[pending:]
+                        model.append(entry)
+                        pending = None
+                        lower_commit()
+                        event("resend: conflict")
                 elif op == "to":
                     position = int(a * len(model))
                     journal.deleteEntriesTo(position)
                     settle()
                     del model[:position]
+                    event("to")
                 elif op == "clear":
                     clear()
                 elif op == "term":
@@ -207,6 +253,7 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
                         persisted_commit = commit
                     else:  # crash: nothing more is written
                         journal._close_fd()
+                    pending = None
                     if on_disk is not None:  # the old log is still on disk
                         model[:], on_disk = on_disk, None
                     journal = open_journal()
@@ -228,7 +275,7 @@ def test_truncating_entries_that_are_cached(tmp_path: Path, cache_entries: int) 
     entries = _entries([b"a", b"b", b"c", b"d", b"e"])
     journal = _fill(str(tmp_path / "j"), entries, cache_entries=cache_entries)
     journal.deleteEntriesFrom(3)
-    assert journal[:] == entries[:3]
+    assert journal[:] == entries  # nothing conflicts yet
     journal.add(b"x", 4, 2)
     assert journal[:] == [*entries[:3], (b"x", 4, 2)]
     assert journal[-1] == (b"x", 4, 2)
@@ -876,9 +923,15 @@ def test_commit_index_is_clamped_to_the_log(tmp_path: Path) -> None:
     journal = _fill(path, _entries([b"a", b"b", b"c"]))
     journal.setRaftCommitIndex(3)
     journal.deleteEntriesFrom(1)
+    assert journal.getRaftCommitIndex() == 3  # nothing removed yet
+    journal.add(b"x", 2, 2)  # a conflict: entries 2 and 3 go
+    crashed = ChecksummedJournal(path, dump_path=None)  # lowered and written at once
+    assert crashed.getRaftCommitIndex() == 1
+    crashed.close()
     journal.close()
     journal = ChecksummedJournal(path, dump_path=None)
     assert journal.getRaftCommitIndex() == 1
+    assert journal[:] == [(b"a", 1, 1), (b"x", 2, 2)]
     journal.close()
 
 
