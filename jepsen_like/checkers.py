@@ -29,11 +29,14 @@ up, each exact (a brute-force reference checks them in the tests):
   skipped (leaving an optional operation pending only adds options);
 * values no read returned and no cas expected are merged into one opaque
   value, and optional operations with the same effect are tried once;
-* when a bounded full search does not decide, windows of consecutive
-  operations are searched from an unknown initial value, with operations
-  crossing the window's edges made optional. That is more permissive than
-  the whole history, so a failing window proves a violation, and gives the
-  report a small window; otherwise the full search runs to the time limit.
+* proving a violation can need the whole search space before the bad op,
+  so after a first pass the full search shares its time with searches of
+  windows of consecutive operations, started from an unknown value, with
+  operations crossing the window's edges made optional. That is more
+  permissive than the whole history, so a failing window proves a violation
+  (and gives the report a small window). Windows ending at the full
+  search's deepest dead end are tried first, then every stretch of the
+  history. Whichever decides first wins; the time limit bounds both.
 
 Messages (:func:`check_messages`) and revocations
 (:func:`check_revocations`) are checked in O(n log n) by indexing, not by a
@@ -148,13 +151,19 @@ _CAS: Final = 2  # swapped (or unknown outcome: optional, takes effect only if i
 _CAS_NO_SWAP: Final = 3  # completed ok without swapping: observed value != expected
 _REGISTER_FS: Final = frozenset({"read", "write", "cas"})
 
-#: First pass: a full search bounded to this many steps per op (valid
-#: histories need far fewer), before looking for a small failing window.
+#: First pass: the full search runs alone for this many steps per op (most
+#: valid histories need fewer) before window searches get a share.
 _FIRST_PASS_STEPS_PER_OP = 100
 #: Window sizes (ops) for local refutation, smallest first.
 _WINDOW_SIZES: tuple[int, ...] = (16, 64, 256, 1024)
 #: Step budget of a window search, per op in the window.
 _WINDOW_STEPS_PER_OP = 200
+#: After the first pass, one chunk of window search per this many chunks of search.
+_WINDOW_SHARE = 4
+#: Window sizes (ops) ending at the full search's deepest dead end.
+_AIMED_SIZES: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+#: Step budget of an aimed window search, per op in the window.
+_AIMED_STEPS_PER_OP = 2000
 
 
 class _Opaque:
@@ -371,7 +380,10 @@ def _search(
 
 
 def _searching(
-    ops: list[_RegOp], initial: Hashable, max_steps: float = math.inf
+    ops: list[_RegOp],
+    initial: Hashable,
+    max_steps: float = math.inf,
+    stuck_at: list[Op] | None = None,
 ) -> Generator[int, None, _KeyOutcome]:
     """Wing-Gong-Lowe search with Porcupine's cache over one register's ops.
 
@@ -386,7 +398,8 @@ def _searching(
 
     A generator: yields the step count every 1024 steps or so, so callers can
     interleave searches and stop them; returns the outcome (``"unknown"``
-    after ``max_steps`` steps).
+    after ``max_steps`` steps). ``stuck_at``, if given, is kept holding the
+    invocation of the op at the deepest dead end so far.
     """
     required_ops = [i for i, op in enumerate(ops) if op.required]
     optional_ops = sorted(
@@ -522,6 +535,8 @@ def _searching(
                     if opt_at[k] < bound and not (opt_bits >> k) & 1
                 ][-4:],
             )
+            if stuck_at is not None and best.stuck >= 0:
+                stuck_at[:] = [ops[best.stuck].invoke]
         if not stack:
             return _KeyOutcome(False, steps, cache_size, best, ops)
         node, j, state = stack.pop()
@@ -557,26 +572,51 @@ def _check_key(raw: list[_RegOp], time_up: Callable[[], bool], counts: Counter[s
     """Decide one register.
 
     The full search runs alone for a first pass (enough for most valid
-    histories), then alternates, 1024 steps each, with searches of windows
-    (16 ops, then 64, 256, 1024), until the full search decides or a window
-    fails: about twice the work of whichever is quicker.
+    histories), then gives every fourth chunk of 1024 steps to window
+    searches until it decides or a window fails: at most 4/3 of the full
+    search's work, or 4 times the window's. Windows aimed at the full search's deepest dead end (ending
+    just after that op returned, 8 to 512 ops long) come first, then a scan
+    of every stretch of 16, 64, 256 and 1024 ops.
     """
     if time_up():
         return _KeyOutcome(UNKNOWN, 0, 0)
     ops = _simplify(raw, counts)
-    full = _searching(ops, _initial(ops))
+    stuck_at: list[Op] = []
+    full = _searching(ops, _initial(ops), stuck_at=stuck_at)
     full_steps = window_steps = 0
     first_pass = _FIRST_PASS_STEPS_PER_OP * len(ops)
     windows = _Windows(raw)
-    todo = (
-        (start, min(start + size, len(raw)))
+    position = {op.invoke.index: p for p, op in enumerate(raw)}
+    scan = (
+        (start, min(start + size, len(raw)), _WINDOW_STEPS_PER_OP)
         for size in _WINDOW_SIZES
         if size < len(raw)
         for start in range(0, len(raw) - size // 2, size // 2)
     )
+    aimed_at: set[int] = set()
+    aimed: list[tuple[int, int, int]] = []
+
+    def next_window() -> tuple[int, int, int] | None:
+        if stuck_at and stuck_at[0].index not in aimed_at:
+            op = raw[position[stuck_at[0].index]]
+            aimed_at.add(op.invoke.index)
+            returned = op.completion.index if op.completion is not None else math.inf
+            end = position[op.invoke.index] + 1
+            while end < len(raw) and raw[end].invoke.index < returned:
+                end += 1
+            aimed[:0] = [
+                (max(0, end - size), end, _AIMED_STEPS_PER_OP)
+                for size in _AIMED_SIZES
+                if size < len(raw) or size == _AIMED_SIZES[0]
+            ]
+        if aimed:
+            return aimed.pop(0)
+        return next(scan, None)
+
     window: Generator[int, None, _KeyOutcome] | None = None
     bounds = (0, 0)
     window_done = 0  # steps of the current window already counted
+    chunks = 0
     while True:
         try:
             full_steps = next(full)
@@ -586,15 +626,17 @@ def _check_key(raw: list[_RegOp], time_up: Callable[[], bool], counts: Counter[s
             return outcome
         if time_up():
             return _KeyOutcome(UNKNOWN, full_steps + window_steps, 0)
-        if full_steps < first_pass:
+        chunks += 1
+        if full_steps < first_pass or chunks % _WINDOW_SHARE:
             continue
         if window is None:
-            start, end = next(todo, (0, 0))
-            if start == end:
+            picked = next_window()
+            if picked is None:
                 continue  # every window searched
+            start, end, per_op = picked
             bounds = (raw[start].invoke.index, raw[end - 1].invoke.index)
             relaxed = _simplify(windows.ops(start, end), any_start=True)
-            window = _searching(relaxed, _ANY, _WINDOW_STEPS_PER_OP * len(relaxed) + 1_000)
+            window = _searching(relaxed, _ANY, per_op * len(relaxed) + 1_000)
             window_done = 0
             counts["windows_searched"] += 1
         try:
@@ -610,16 +652,15 @@ def _check_key(raw: list[_RegOp], time_up: Callable[[], bool], counts: Counter[s
 
 
 def _describe(op: _RegOp) -> str:
-    done = op.completion
+    """The op as the client saw it (not as the search relaxed it)."""
+    inv, done = op.invoke, op.completion
     outcome = done.type if done is not None else "info"
-    if op.kind == _READ:
-        return f"#{op.invoke.index} read -> {done.value if done else None!r}"
-    if op.kind == _WRITE:
-        return f"#{op.invoke.index} write {op.invoke.value!r} ({outcome})"
-    swap = "swapped" if op.kind == _CAS else "not swapped"
-    if outcome != "ok":
-        swap = outcome
-    return f"#{op.invoke.index} cas {op.invoke.value!r} ({swap})"
+    if inv.f == "read" and done is not None:
+        return f"#{inv.index} read -> {done.value!r}"
+    if inv.f == "cas" and done is not None and outcome == "ok":
+        swapped = "swapped" if done.extra.get("swapped", True) else "not swapped"
+        return f"#{inv.index} cas {inv.value!r} ({swapped})"
+    return f"#{inv.index} {inv.f} {inv.value!r} ({outcome})"
 
 
 def check_linearizable(
@@ -766,9 +807,9 @@ def _shown_state(state: Hashable, tail: list[_RegOp]) -> Any:
     """The register value for a person: an opaque value is the last one written."""
     if state is _OPAQUE:
         for op in reversed(tail):
-            if op.kind == _WRITE:
+            if op.invoke.f == "write":
                 return op.invoke.value
-            if op.kind == _CAS:
+            if op.invoke.f == "cas":
                 return op.invoke.value[1]
         return repr(state)
     if state is _ANY:

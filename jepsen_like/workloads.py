@@ -331,14 +331,17 @@ class MessageWorkload(Workload):
         self, cluster: LocalCluster, history: History, rng: random.Random, user: str, until: float
     ) -> None:
         process = self.new_process()
+        connection = 0
         while True:
             edge_i = rng.randrange(len(cluster.edges))
+            connection += 1
+            stream = f"{user}#{connection}"  # push order is only promised within a connection
             try:
                 async with _open_edge(cluster.edges[edge_i].url, cluster.token(user), user) as edge:
                     while True:
                         frame = await edge.receive()
                         if frame.get("type") == "msg":
-                            history.observe(process, "deliver", user, _seen(user, frame))
+                            history.observe(process, "deliver", user, _seen(user, frame), stream=stream)
                             await edge.send_frame({"type": "ack", "mids": [frame["mid"]]})
             except (
                 ConnectionClosed,

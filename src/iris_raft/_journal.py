@@ -468,6 +468,17 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
                 idx,
                 term,
             )
+        if idx <= self._commit_index:
+            # Committed entries never conflict (Raft §5.4): a bug or a damaged meta file.
+            log.critical(
+                "%s: entry %d (term %d) conflicts with the leader's (term %d) although the "
+                "commit index is %d: removing committed entries",
+                self.path,
+                idx,
+                self._terms[position],
+                term,
+                self._commit_index,
+            )
         self._truncate(position)
         self._pending_from = None
         return False
@@ -588,11 +599,15 @@ class ChecksummedJournal(Journal):  # type: ignore[misc]
         except ValueError:
             pass
         else:
-            log.info(
-                "%s: dropping entries from index %d on, a membership change that PySyncObj "
-                "rolled back; the leader sends them again",
+            idx = self._idxs[membership_change]
+            log.log(
+                logging.WARNING if idx <= self._commit_index else logging.INFO,
+                "%s: removing the entries from index %d (commit index %d), a membership "
+                "change whose effect PySyncObj has just undone, until the leader sends "
+                "them again",
                 self.path,
-                self._idxs[membership_change],
+                idx,
+                self._commit_index,
             )
             self._truncate(membership_change)
         if position < len(self._offsets):

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,6 +180,34 @@ def running_cluster(base_dir: Path, **options: Any) -> Iterator[ClusterThread]:
 # ----------------------------------------------------------------- client
 
 
+class _OpaqueTags(Mapping[int, Callable[[Any, bool], Any]]):
+    """cbor2 ``semantic_decoders`` keeping every tag as ``CBORTag``: a client that interprets none.
+
+    (cbor2 would turn tag 1 into a datetime, and refuses a tag 2 around text.)
+    """
+
+    _KNOWN = (0, 1, 2, 3, 4, 5, 24, 25, 28, 29, 30, 35, 36, 37, 52, 54, 256, 258, 260, 261)
+
+    def __getitem__(self, tag: int) -> Callable[[Any, bool], Any]:
+        if not isinstance(tag, int):
+            raise KeyError(tag)
+        return lambda value, immutable: cbor2.CBORTag(tag, value)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._KNOWN)
+
+    def __len__(self) -> int:
+        return len(self._KNOWN)
+
+
+_OPAQUE = _OpaqueTags()
+
+
+def decode(data: bytes) -> Any:
+    """One CBOR item as a client that interprets no tags sees it."""
+    return cbor2.loads(data, semantic_decoders=_OPAQUE)
+
+
 class Closed(Exception):
     """The connection ended while a frame was awaited."""
 
@@ -215,7 +243,7 @@ class Client:
         """The next frame (stashed ones first); every server frame is one CBOR map with a type."""
         if self.stash:
             return self.stash.pop(0)
-        frame = cbor2.loads(await self.recv_raw())
+        frame = decode(await self.recv_raw())
         assert isinstance(frame, dict) and isinstance(frame.get("type"), str), frame
         return frame
 
@@ -234,7 +262,7 @@ class Client:
                 return self.stash.pop(i)
         while True:
             try:
-                frame = cbor2.loads(await self.recv_raw())
+                frame = decode(await self.recv_raw())
             except Closed as exc:
                 raise Closed(exc.code, list(self.stash)) from None
             if _matches(frame, type_, fields):
@@ -265,7 +293,7 @@ class Client:
                 return self.stash.pop(i)
         while True:
             try:
-                frame = cbor2.loads(await self.recv_raw())
+                frame = decode(await self.recv_raw())
             except Closed as exc:
                 raise Closed(exc.code, list(self.stash)) from None
             if frame.get("type") in types and _matches(frame, frame["type"], fields):
@@ -288,7 +316,7 @@ class Client:
         frames, self.stash = list(self.stash), []
         while True:
             try:
-                frames.append(cbor2.loads(await self.recv_raw()))
+                frames.append(decode(await self.recv_raw()))
             except Closed as exc:
                 return exc.code, frames
 
@@ -458,10 +486,11 @@ def start_dev(
 
     def read() -> None:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            got.append(raw)
-            if b"a token for user" in raw:
-                done.set()
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed by stop_process()
+            for raw in proc.stdout:
+                got.append(raw)
+                if b"a token for user" in raw:
+                    done.set()
         done.set()
 
     reader = threading.Thread(target=read, daemon=True)

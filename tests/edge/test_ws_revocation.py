@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from edge_helpers import Client, ClusterThread, Closed, connect, login, running_cluster, unique
+from edge_helpers import Client, Closed, ClusterThread, connect, login, running_cluster, unique
 
 from iris_edge._auth import issue_token
 

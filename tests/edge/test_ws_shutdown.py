@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trio
-from edge_helpers import Client, ClusterThread, Closed, login, running_cluster, unique
+from edge_helpers import Client, Closed, ClusterThread, login, running_cluster, unique
 from trio_websocket import ConnectionClosed
 
 pytestmark = pytest.mark.cluster

@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import cbor2
 import pytest
 import trio
 from edge_helpers import (
     Client,
     ClusterThread,
     RawWebSocket,
+    decode,
     login,
     parse_server_frames,
     running_cluster,
@@ -143,7 +143,7 @@ async def test_a_client_that_does_not_read_is_closed_with_4008(cluster: ClusterT
         f"{cut[close_inside : close_inside + 40]!r}"
     )
     assert closes and int.from_bytes(closes[0][:2], "big") == 4008, opcodes
-    messages = [cbor2.loads(p) for op, p in frames if op == 0x2]
+    messages = [decode(p) for op, p in frames if op == 0x2]
     assert messages[0]["type"] == "welcome"
     mids = [s["mid"] for s in sent]
     assert [m["mid"] for m in messages[1:]] == mids[: len(messages) - 1]

@@ -630,12 +630,12 @@ def test_a_window_decides_when_the_full_search_is_slow(monkeypatch: pytest.Monke
     real_searching = _checkers._searching
 
     def slow_full_search(
-        ops: list[Any], initial: Any, max_steps: float = math.inf
+        ops: list[Any], initial: Any, *args: Any, **kw: Any
     ) -> Generator[int, None, Any]:
         if initial is not _checkers._ANY:  # the full search: pretend it takes long
             for _ in range(100):
                 yield 0
-        return (yield from real_searching(ops, initial, max_steps))
+        return (yield from real_searching(ops, initial, *args, **kw))
 
     monkeypatch.setattr(_checkers, "_searching", slow_full_search)
     monkeypatch.setattr(_checkers, "_FIRST_PASS_STEPS_PER_OP", 0)

@@ -23,6 +23,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import FileJournal, MemoryJournal
+from pysyncobj.transport import Transport
 
 from iris_raft import _journal
 from iris_raft._exceptions import CorruptFile
@@ -68,7 +69,10 @@ def _entries(commands: list[bytes], first_idx: int = 1, term: int = 1) -> list[E
 
 #: Commands; some are PySyncObj membership changes (first byte 2), which a
 #: deleteEntriesFrom truncates at once.
-_command = st.one_of(st.binary(max_size=12), st.sampled_from([b"\x02", b"\x02rem"]))
+_command = st.one_of(
+    st.binary(max_size=12),
+    st.sampled_from([b"", b"\x00a", b"\x00bb", b"\x00ccc", b"\x01", b"\x02rem"]),
+)
 #: Several (distinct) strategies, to weight appends over the other operations.
 _adds = [
     st.tuples(st.just("add"), st.lists(_command, min_size=1, max_size=size), st.integers(1, 50))
@@ -232,7 +236,6 @@ def test_journal_matches_list_model(ops: list[tuple[str, Any, Any]], cache_entri
                     journal.deleteEntriesTo(position)
                     settle()
                     del model[:position]
-                    event("to")
                 elif op == "clear":
                     clear()
                 elif op == "term":
@@ -888,6 +891,346 @@ def test_crash_at_every_write_of_a_snapshot_load(
     assert all(log == new for log in seen[switch:])
 
 
+# ------------------------------------------------------------------ conflicts (Raft §5.3)
+#
+# PySyncObj's follower, on append_entries(prevLogIdx, entries), calls
+# deleteEntriesFrom(position of prevLogIdx + 1) whenever its log goes on after
+# prevLogIdx, without looking at terms, and then add()s the entries. The leader
+# (appendEntriesUseBatch=False) often sends entries again that the follower has
+# acknowledged already. Only a conflicting entry (same index, another term) may
+# remove entries.
+
+_COMMAND_TYPE = pysyncobj.syncobj._COMMAND_TYPE
+_NO_OP = bytes([_COMMAND_TYPE.NO_OP])
+
+
+def _regular(i: int) -> bytes:
+    return bytes([_COMMAND_TYPE.REGULAR]) + pickle.dumps(("set", f"k{i}", i))
+
+
+def _membership(change: str, node: str) -> bytes:
+    return bytes([_COMMAND_TYPE.MEMBERSHIP]) + pickle.dumps([change, node])
+
+
+def _no_writes(patch: pytest.MonkeyPatch) -> None:
+    """Fail the test on any change to a file."""
+    for name in ("write", "pwrite", "fsync", "fdatasync", "ftruncate", "truncate", "replace"):
+
+        def refuse(*args: Any, _name: str = name) -> None:
+            pytest.fail(f"os.{_name} was called")
+
+        patch.setattr(os, name, refuse)
+
+
+@pytest.mark.parametrize("cache_entries", [0, 3, 1000])
+def test_entries_sent_again_are_kept_without_any_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_entries: int
+) -> None:
+    path = str(tmp_path / "journal")
+    old = _log()
+    journal = _fill(path, old, cache_entries=cache_entries)
+    with monkeypatch.context() as patch:
+        _no_writes(patch)
+        journal.deleteEntriesFrom(6)  # prevLogIdx 6
+        _check_reads(journal, old)  # nothing conflicts yet
+        journal.add(*old[6])  # entry 7 again
+        journal.add(*old[7])  # entry 8 again
+        _check_reads(journal, old)
+        journal.deleteEntriesFrom(8)  # prevLogIdx 8, then the rest again: the walk ends
+        journal.add(*old[8])
+        journal.add(*old[9])
+        _check_reads(journal, old)
+        assert _reopened(path)[0] == old  # a crash here loses nothing
+    journal.add(b"cmd11", 11, 2)  # past the end: appended
+    assert journal[-2:] == [old[9], (b"cmd11", 11, 2)]
+    journal.close()
+    assert _reopened(path)[0] == [*old, (b"cmd11", 11, 2)]
+
+
+@pytest.mark.parametrize("cache_entries", [0, 1000])
+def test_a_conflicting_entry_truncates_the_log_from_there(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    cache_entries: int,
+) -> None:
+    path = str(tmp_path / "journal")
+    old = _log()  # term 1 up to index 4, term 2 after
+    journal = _fill(path, old, cache_entries=cache_entries)
+    journal.setRaftCommitIndex(5)
+    journal.onOneSecondTimer()
+    journal.deleteEntriesFrom(3)  # prevLogIdx 3
+    journal.add(*old[3])  # entry 4: the same, kept
+    calls: list[tuple[str, int]] = []
+    for name in ("ftruncate", "fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def call(fd: int, *args: Any, _name: str = name, _real: Any = real) -> None:
+            _real(fd, *args)
+            if os.readlink(f"/proc/self/fd/{fd}") == path:
+                calls.append((_name, os.fstat(fd).st_size))
+
+        monkeypatch.setattr(os, name, call)
+    with caplog.at_level(logging.INFO, logger="iris_raft.journal"):
+        journal.add(b"new5", 5, 3)  # entry 5 in another term: 5..10 go
+    monkeypatch.undo()
+    # The commit index said 5: a committed entry cannot conflict, so this is loud.
+    assert [r.levelname for r in caplog.records] == ["CRITICAL"]
+    assert "removing committed entries" in caplog.records[0].getMessage()
+    kept = sum(_record_size(c) for c, _, _ in old[:4])
+    assert calls == [
+        ("ftruncate", kept),
+        ("fsync", kept),
+        ("fdatasync", kept + _record_size(b"new5")),
+    ]
+    assert journal[:] == [*old[:4], (b"new5", 5, 3)]
+    assert journal.getRaftCommitIndex() == 4  # lowered with the truncation, and written
+    assert _reopened(path) == ([*old[:4], (b"new5", 5, 3)], 4)
+    journal.add(b"new6", 6, 3)  # the walk is over: a plain append
+    journal.close()
+    assert _reopened(path)[0] == [*old[:4], (b"new5", 5, 3), (b"new6", 6, 3)]
+
+
+@pytest.mark.parametrize(
+    ("cache_entries", "command"),
+    [(1000, b"cmdX"), (0, b"another length")],  # compared in full only when cached
+)
+def test_an_entry_sent_again_with_another_command_replaces_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cache_entries: int, command: bytes
+) -> None:
+    path = str(tmp_path / "journal")
+    old = _log()
+    journal = _fill(path, old, cache_entries=cache_entries)
+    journal.deleteEntriesFrom(6)
+    with caplog.at_level(logging.ERROR, logger="iris_raft.journal"):
+        journal.add(command, 7, 2)
+    assert any("differs from the one stored" in r.getMessage() for r in caplog.records)
+    assert journal[:] == [*old[:6], (command, 7, 2)]
+    journal.close()
+    assert _reopened(path)[0] == [*old[:6], (command, 7, 2)]
+
+
+def test_without_a_conflict_every_entry_stays(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    old = _log()
+    journal = _fill(path, old)
+    journal.deleteEntriesFrom(2)  # a heartbeat: no entries follow
+    assert journal[:] == old
+    journal.close()
+    assert _reopened(path)[0] == old
+
+    journal = ChecksummedJournal(path, dump_path=None)
+    journal.deleteEntriesFrom(2)
+    journal.add(b"cmd11", 11, 2)  # the next append_entries (prevLogIdx 10) appends
+    assert journal[:] == [*old, (b"cmd11", 11, 2)]
+    with pytest.raises(ValueError):  # the walk is over: entry 3 is not replaced
+        journal.add(b"x", 3, 9)
+    # Another deleteEntriesFrom replaces the cursor, earlier or later.
+    journal.deleteEntriesFrom(8)
+    journal.deleteEntriesFrom(4)
+    journal.add(*old[4])  # entry 5: kept
+    with pytest.raises(ValueError):  # a gap is refused and changes nothing
+        journal.add(b"x", 7, 3)
+    assert journal[:] == [*old, (b"cmd11", 11, 2)]
+    journal.add(b"x6", 6, 3)  # the walk goes on: a conflict at 6
+    assert journal[:] == [*old[:5], (b"x6", 6, 3)]
+    # Past the end nothing is pending; from position 0 (nothing anchors the new
+    # entries; PySyncObj never does it) the log is emptied at once.
+    journal.deleteEntriesFrom(6)
+    journal.deleteEntriesFrom(99)
+    journal.add(b"x7", 7, 3)
+    assert journal[:] == [*old[:5], (b"x6", 6, 3), (b"x7", 7, 3)]
+    assert _reopened(path)[0] == journal[:]
+    journal.deleteEntriesFrom(0)
+    assert journal[:] == []
+    assert _reopened(path)[0] == []
+    journal.add(b"y", 20, 4)
+    journal.close()
+    assert _reopened(path)[0] == [(b"y", 20, 4)]
+
+
+def test_pending_conflict_check_and_snapshot_loads(tmp_path: Path) -> None:
+    path, _, journal = _snapshot_setup(tmp_path)
+    old = _log()
+    # A walk, then PySyncObj loads the leader's snapshot (6, 7): the walk ends, and
+    # the entries after 7 stay (Raft §7).
+    journal.deleteEntriesFrom(3)
+    journal.add(*old[3])
+    journal.clear()
+    assert journal[:] == []
+    journal.add(*old[5])
+    journal.add(*old[6])
+    assert journal[:] == old[5:]
+    # A cursor, then compaction: the walk ends, every entry stays.
+    journal.deleteEntriesFrom(2)  # entry 8
+    journal.deleteEntriesTo(1)
+    assert journal[:] == old[6:]
+    with pytest.raises(ValueError):
+        journal.add(b"x", 8, 3)
+    journal.add(b"cmd11", 11, 2)
+    # A walk over a log that a snapshot load has just replaced.
+    journal.clear()
+    journal.add(*old[8])
+    journal.add(*old[9])  # entry 10 matches: 11 stays
+    assert journal[:] == [*old[8:], (b"cmd11", 11, 2)]
+    journal.deleteEntriesFrom(1)  # prevLogIdx 9
+    journal.add(*old[9])
+    journal.add(b"y11", 11, 3)
+    assert journal[:] == [*old[8:], (b"y11", 11, 3)]
+    # clear() and one add, then deleteEntriesFrom: the staged entry is the log.
+    journal.clear()
+    journal.add(*old[9])
+    journal.deleteEntriesFrom(1)
+    assert journal[:] == [old[9]]
+    journal.add(b"z", 11, 3)
+    journal.close()
+    assert _reopened(path)[0] == [old[9], (b"z", 11, 3)]
+
+
+def test_a_membership_change_after_the_cursor_is_truncated_at_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    log = [(_regular(i), i, 1) for i in range(1, 11)]
+    log[6] = (_membership("add", "10.0.0.4:4321"), 7, 1)
+    journal = _fill(path, log)
+    journal.deleteEntriesFrom(7)  # prevLogIdx 7: only entries after the change
+    journal.add(*log[7])
+    assert journal[:] == log
+    # prevLogIdx 3: PySyncObj has rolled back what entries 4.. did, 7 among them.
+    journal.deleteEntriesFrom(3)
+    assert journal[:] == log[:6]
+    assert _reopened(path)[0] == log[:6]
+    for entry in log[3:]:  # sent again: 4..6 are kept, 7.. appended
+        journal.add(*entry)
+    assert journal[:] == log
+    journal.close()
+    # The flags are read back from the file and survive a compaction.
+    journal = ChecksummedJournal(path, dump_path=None)
+    journal.deleteEntriesTo(2)
+    journal.deleteEntriesFrom(1)  # prevLogIdx 3
+    assert journal[:] == log[2:6]
+    journal.close()
+    assert _reopened(path)[0] == log[2:6]
+
+
+@given(
+    st.lists(st.integers(0, 2), min_size=1, max_size=8),
+    st.integers(1, 8),
+    st.lists(st.sampled_from(["same", "same", "term", "command"]), max_size=10),
+    st.sampled_from([0, 2, 1000]),
+)
+@settings(max_examples=60, deadline=None)
+@_without_fsync
+def test_conflict_walk_property(
+    term_steps: list[int], cursor: int, walk: list[str], cache_entries: int
+) -> None:
+    """After every call the journal, and the file as a crash leaves it, hold the old
+    entries up to the first conflict (all of them if there is none)."""
+    terms = [1 + sum(term_steps[: i + 1]) for i in range(len(term_steps))]
+    old = [(f"c{i}".encode(), i + 1, term) for i, term in enumerate(terms)]
+    position = min(cursor, len(old))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "journal")
+        journal = _fill(path, old, cache_entries=cache_entries)
+        journal.deleteEntriesFrom(position)
+        expected = list(old)
+        at: int | None = position if position < len(old) else None
+        conflict: int | None = None
+        for kind in walk:
+            if at is None:  # the walk is over: a plain append
+                _, idx, term = expected[-1]
+                entry = (b"n", idx + 1, term + (kind == "term"))
+                journal.add(*entry)
+                expected.append(entry)
+            elif kind == "same":
+                journal.add(*expected[at])
+                at = at + 1 if at + 1 < len(expected) else None
+            else:
+                command, idx, term = expected[at]
+                entry = (command, idx, term + 1) if kind == "term" else (command + b"!", idx, term)
+                journal.add(*entry)
+                del expected[at:]
+                expected.append(entry)
+                conflict, at = idx, None
+            _check_reads(journal, expected)
+            assert _reopened(path)[0] == expected
+            first_changed = conflict if conflict is not None else len(old) + 1
+            assert expected[: first_changed - 1] == old[: first_changed - 1]
+        journal.close()
+
+
+@pytest.mark.parametrize("conflict", [False, True])
+def test_crash_at_every_write_of_a_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conflict: bool
+) -> None:
+    """Every state the file passes through holds every entry before the conflict, and
+    the entries after it until the truncation that replaces them."""
+    live = tmp_path / "live"
+    live.mkdir()
+    path = str(live / "journal")
+    old = _log()
+    journal = _fill(path, old)
+    states = [_disk_state(live)]
+
+    def recording(name: str) -> Callable[..., Any]:
+        real = getattr(os, name)
+
+        def call(*args: Any, **kw: Any) -> Any:
+            result = real(*args, **kw)
+            states.append(_disk_state(live))
+            return result
+
+        return call
+
+    for name in ("open", "write", "pwrite", "fsync", "fdatasync", "ftruncate", "replace"):
+        monkeypatch.setattr(os, name, recording(name))
+    journal.deleteEntriesFrom(4)  # prevLogIdx 4
+    journal.add(*old[4])  # entry 5 again
+    if conflict:
+        journal.add(b"new6", 6, 3)
+        journal.add(b"new7", 7, 3)
+        new = [*old[:5], (b"new6", 6, 3), (b"new7", 7, 3)]
+    else:
+        journal.add(*old[5])
+        new = old
+    monkeypatch.undo()
+    journal.close()
+    seen = [_open_state(state, tmp_path / "crashed") for state in states]
+    if not conflict:
+        assert len(states) == 1  # nothing was written at all
+        assert seen == [old]
+        return
+    assert seen[0] == old
+    assert seen[-1] == new
+    allowed = [old, old[:5], new[:6], new]
+    assert all(log in allowed for log in seen), seen
+    assert [allowed.index(log) for log in seen] == sorted(allowed.index(log) for log in seen)
+
+
+def test_replay_of_the_lost_write_bug_keeps_the_acknowledged_entry(tmp_path: Path) -> None:
+    """The journal calls PySyncObj made in the bug (3 lost writes in 69 stress runs).
+
+    A follower holds and has acknowledged entries 1..N+2. A delayed success reply
+    moved the leader's next index for it back to N+1, so the leader sends entry N+1
+    again with prevLogIdx N. PySyncObj calls __deleteEntriesFrom(N + 1), that is
+    deleteEntriesFrom(N) (positions count from the first entry, index 1), then
+    add(entry N+1). kill -9 of every node right then: entry N+2 must still be on
+    disk, or a leader elected among the followers may not have it.
+    """
+    n = 20
+    log = [(_NO_OP, 1, 1), *((_regular(i), i, 1) for i in range(2, n + 3))]
+    live = tmp_path / "live"
+    live.mkdir()
+    journal = _fill(str(live / "journal"), log)
+    journal.setCurrentTerm(1, None)
+    journal.setRaftCommitIndex(n + 2)
+    journal.deleteEntriesFrom(n)
+    journal.add(*log[n])
+    crashed = _open_state(_disk_state(live), tmp_path / "crashed")  # the files as they are
+    assert crashed == log
+    assert crashed[-1][1] == n + 2
+    journal.close()
+
+
 # ------------------------------------------------------------------ meta
 
 
@@ -1257,3 +1600,150 @@ def test_pysyncobj_crash_between_snapshot_and_compaction_loses_no_entry(
     reopened = ChecksummedJournal(journal_path, dump_path=None)
     assert reopened[: len(kept)] == kept  # the snapshot's two entries and all that followed
     reopened.close()
+
+
+# PySyncObj's own append_entries handler, driven message by message: a follower
+# with a transport that only records what it sends (no sockets, no threads).
+
+
+class _RecordingTransport(Transport):  # type: ignore[misc]
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
+        super().__init__(syncObj, selfNode, otherNodes)
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, node: Any, message: dict[str, Any]) -> bool:
+        self.sent.append(message)
+        return True
+
+    def tryGetReady(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def waitReady(self) -> None:
+        pass
+
+    def addNode(self, node: Any) -> None:
+        pass
+
+    def dropNode(self, node: Any) -> None:
+        pass
+
+    def destroy(self) -> None:
+        pass
+
+
+class _Follower:
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.directory = directory
+        path = str(directory / "journal")
+        self.journal = ChecksummedJournal(path, dump_path=None)
+        install_journal(path, self.journal)
+        conf = SyncObjConf(
+            journalFile=path,
+            appendEntriesUseBatch=False,
+            autoTick=False,
+            dynamicMembershipChange=True,
+        )
+        self.node = SyncObj(
+            "127.0.0.1:1", ["127.0.0.1:2", "127.0.0.1:3"], conf, transportClass=_RecordingTransport
+        )
+        self.leader = next(n for n in self.node._SyncObj__otherNodes if n.id == "127.0.0.1:2")
+
+    def append_entries(
+        self, term: int, prev: tuple[int, int], entries: list[Entry], commit_index: int
+    ) -> dict[str, Any]:
+        self.node._SyncObj__onMessageReceived(
+            self.leader,
+            {
+                "type": "append_entries",
+                "term": term,
+                "commit_index": commit_index,
+                "entries": entries,
+                "prevLogIdx": prev[0],
+                "prevLogTerm": prev[1],
+            },
+        )
+        reply: dict[str, Any] = self.node._SyncObj__transport.sent[-1]
+        return reply
+
+    @property
+    def commit_index(self) -> int:
+        index: int = self.node._SyncObj__raftCommitIndex
+        return index
+
+    @property
+    def members(self) -> set[str]:
+        return {n.id for n in self.node._SyncObj__otherNodes}
+
+    def after_kill_9(self, scratch: Path) -> list[Entry]:
+        return _open_state(_disk_state(self.directory), scratch)
+
+    def close(self) -> None:
+        self.node._doDestroy()
+        notifier = getattr(self.node, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:  # the pipe that appendEntriesUseBatch=False adds
+            os.close(notifier._PipeNotifier__pipeR)
+            os.close(notifier._PipeNotifier__pipeW)
+
+
+def test_pysyncobj_follower_keeps_acknowledged_entries_sent_again(tmp_path: Path) -> None:
+    follower = _Follower(tmp_path / "live")
+    try:
+        log = [(_NO_OP, 1, 0), (_NO_OP, 2, 1), *((_regular(i), i, 1) for i in range(3, 9))]
+        assert follower.journal[:] == log[:1]  # PySyncObj's first entry
+        # One append_entries per entry, as appendEntriesUseBatch=False sends them.
+        for entry in log[1:]:
+            prev = log[entry[1] - 2][1:]
+            reply = follower.append_entries(1, prev, [entry], commit_index=1)
+            assert (reply["success"], reply["next_node_idx"]) == (True, entry[1] + 1)
+        # A delayed reply moved the leader's next index back to 7: 7 comes again.
+        reply = follower.append_entries(1, (6, 1), [log[6]], commit_index=8)
+        assert (reply["success"], reply["next_node_idx"]) == (True, 8)  # counts what was sent
+        assert follower.journal[:] == log  # 8 is still there...
+        assert follower.commit_index == 8  # ...and within the commit index: the same entry
+        assert follower.after_kill_9(tmp_path / "crashed") == log  # and on disk
+        reply = follower.append_entries(1, (7, 1), [log[7]], commit_index=8)
+        assert follower.journal[:] == log
+        # A new leader (term 2) lacks 8 and appended its no-op there: a conflict.
+        reply = follower.append_entries(2, (7, 1), [(_NO_OP, 8, 2)], commit_index=7)
+        assert (reply["success"], reply["next_node_idx"]) == (True, 9)
+        assert follower.journal[:] == [*log[:7], (_NO_OP, 8, 2)]
+        assert follower.after_kill_9(tmp_path / "crashed") == follower.journal[:]
+        reply = follower.append_entries(2, (8, 2), [], commit_index=8)  # heartbeat
+        assert follower.commit_index == 8
+    finally:
+        follower.close()
+
+
+def test_pysyncobj_follower_membership_stays_in_step_with_the_log(tmp_path: Path) -> None:
+    follower = _Follower(tmp_path / "live")
+    try:
+        added = "127.0.0.1:4"
+        log = [
+            (_NO_OP, 1, 0),
+            (_NO_OP, 2, 1),
+            (_regular(3), 3, 1),
+            (_membership("add", added), 4, 1),
+            (_regular(5), 5, 1),
+        ]
+        follower.append_entries(1, (1, 0), log[1:], commit_index=1)
+        assert added in follower.members
+        # Entry 3 again: PySyncObj undoes what 3.. did (the node goes) and re-applies
+        # only what it adds (3), so the journal drops the change and what follows.
+        reply = follower.append_entries(1, (2, 1), [log[2]], commit_index=1)
+        assert (reply["success"], reply["next_node_idx"]) == (True, 4)
+        assert added not in follower.members
+        assert follower.journal[:] == log[:3]
+        follower.append_entries(1, (3, 1), log[3:], commit_index=1)
+        assert added in follower.members
+        assert follower.journal[:] == log
+        # A re-send that starts after the change keeps it, and the node.
+        follower.append_entries(1, (4, 1), [log[4]], commit_index=5)
+        assert added in follower.members
+        assert follower.journal[:] == log
+    finally:
+        follower.close()
