@@ -257,15 +257,20 @@ class Client:
 
     async def wait_for(self, type_: str, **fields: Any) -> dict[str, Any]:
         """The first frame of ``type_`` with these fields; frames passed over stay stashed."""
+        return await self.wait_for_any((type_,), **fields)
+
+    async def wait_for_any(self, types: tuple[str, ...], **fields: Any) -> dict[str, Any]:
+        """The first frame of one of ``types`` with these fields; others stay stashed."""
         for i, frame in enumerate(self.stash):
-            if _matches(frame, type_, fields):
+            if _matches(frame, types, fields):
                 return self.stash.pop(i)
         while True:
             try:
                 frame = decode(await self.recv_raw())
             except Closed as exc:
                 raise Closed(exc.code, list(self.stash)) from None
-            if _matches(frame, type_, fields):
+            assert isinstance(frame, dict) and isinstance(frame.get("type"), str), frame
+            if _matches(frame, types, fields):
                 return frame
             self.stash.append(frame)
 
@@ -280,29 +285,11 @@ class Client:
         return await self.answer(id, "sent")
 
     async def answer(self, id: str, type_: str | None = None) -> dict[str, Any]:
-        """The ``sent`` or ``error`` frame answering the send ``id``."""
-        while True:
-            frame = await self.wait_for_any(("sent", "error"), id=id)
-            if type_ is not None:
-                assert frame["type"] == type_, f"send {id}: expected {type_}, got {frame}"
-            return frame
-
-    async def wait_for_any(self, types: tuple[str, ...], **fields: Any) -> dict[str, Any]:
-        for i, frame in enumerate(self.stash):
-            if frame.get("type") in types and _matches(frame, frame["type"], fields):
-                return self.stash.pop(i)
-        while True:
-            try:
-                frame = decode(await self.recv_raw())
-            except Closed as exc:
-                raise Closed(exc.code, list(self.stash)) from None
-            if frame.get("type") in types and _matches(frame, frame["type"], fields):
-                return frame
-            self.stash.append(frame)
-
-    async def abort(self) -> None:
-        """Drop the TCP connection, as a network failure would (no close handshake)."""
-        await _close_stream(self.ws)
+        """The ``sent`` or ``error`` frame answering the send ``id`` (of ``type_`` if given)."""
+        frame = await self.wait_for_any(("sent", "error"), id=id)
+        if type_ is not None:
+            assert frame["type"] == type_, f"send {id}: expected {type_}, got {frame}"
+        return frame
 
     async def ping(self, data: Any = None) -> dict[str, Any]:
         await self.send({"type": "ping", "data": data})
@@ -330,8 +317,8 @@ class Client:
         return frames
 
 
-def _matches(frame: dict[str, Any], type_: str, fields: dict[str, Any]) -> bool:
-    return frame.get("type") == type_ and all(frame.get(k) == v for k, v in fields.items())
+def _matches(frame: dict[str, Any], types: tuple[str, ...], fields: dict[str, Any]) -> bool:
+    return frame.get("type") in types and all(frame.get(k) == v for k, v in fields.items())
 
 
 def bearer(token: str) -> list[tuple[bytes, bytes]]:

@@ -56,22 +56,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterThread]
         edge_options={"rate_limit_per_second": 100000, "rate_limit_burst": 100000},
     ) as c:
         yield c
-        # Whatever the fuzzing did: the edge is alive, and a normal exchange works.
-        assert c.edge_alive(0), f"the edge died:\n{c.log(0)[-3000:]}"
-        trio.run(_normal_exchange, c)
-        assert "Traceback" not in c.log(0), c.log(0)[-5000:]
-
-
-async def _normal_exchange(cluster: ClusterThread) -> None:
-    with trio.fail_after(20):
-        alice, bob = _user("after-alice"), _user("after-bob")
-        async with (
-            login(cluster.url(0), cluster.token(alice)) as sender,
-            login(cluster.url(0), cluster.token(bob), via="frame") as receiver,
-        ):
-            sent = await sender.send_message(bob, {"after": "fuzzing"})
-            (msg,) = await receiver.messages(1)
-            assert msg["mid"] == sent["mid"] and msg["body"] == {"after": "fuzzing"}
 
 
 def _user(prefix: str) -> str:
@@ -381,3 +365,19 @@ def _describe(expect: Expect) -> str:
     if expect.error is not None:
         return f"error {expect.error}" + (" with id" if expect.error_id else "")
     return "send" if expect.send_id else "pong" if expect.pong else "silent"
+
+
+async def test_the_edge_survives_the_fuzzing(cluster: ClusterThread) -> None:
+    """Runs after the fuzz tests (file order): the edge lives, and a normal exchange works."""
+    assert cluster.edge_alive(0), f"the edge died:\n{cluster.log(0)[-3000:]}"
+    with trio.fail_after(20):
+        alice, bob = _user("after-alice"), _user("after-bob")
+        async with (
+            login(cluster.url(0), cluster.token(alice)) as sender,
+            login(cluster.url(0), cluster.token(bob), via="frame") as receiver,
+        ):
+            sent = await sender.send_message(bob, {"after": "fuzzing"})
+            (msg,) = await receiver.messages(1)
+            assert msg["mid"] == sent["mid"] and msg["body"] == {"after": "fuzzing"}
+    assert cluster.edge_alive(0)
+    assert "Traceback" not in cluster.log(0), cluster.log(0)[-5000:]

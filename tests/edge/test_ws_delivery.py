@@ -3,9 +3,11 @@
 Two clusters, 3 cores and 2 edges each:
 
 * ``cp``: edges with a very high send rate limit (for the 1,000-message test);
-* ``hardened_ap``: default rate limits, and inboxes capped at 5 messages
-  (``cluster.max_inbox_messages``) for ``inbox_full``;
-* ``cp_capped`` (one edge): ``cp`` with the same cap, for ``inbox_full`` in both modes.
+* ``hardened_ap``: default rate limits, inboxes capped at 5 messages
+  (``cluster.max_inbox_messages``) for ``inbox_full``, and a deduplication
+  window of 3 s (``cluster.dedup_window``);
+* ``cp_capped`` (one edge): ``cp`` with the same cap and window, for the
+  tests of those limits in both modes.
 
 The tests of the basic guarantees run on both (fixture ``any_cluster``) and
 keep every inbox at 5 messages or fewer. "Nothing else is delivered" is
@@ -29,6 +31,8 @@ from trio_websocket import ConnectionClosed
 pytestmark = pytest.mark.cluster
 
 INBOX_CAP = 5
+#: ``cluster.dedup_window`` of the capped clusters, seconds (default 24 h).
+DEDUP_WINDOW = 3.0
 #: ``protocol-v1.md``: an ack takes effect within 1 s of reaching the server.
 ACK_BOUND = 1.0
 
@@ -52,7 +56,7 @@ def ap_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterThre
         nodes=3,
         edges=2,
         mode="hardened_ap",
-        cluster_options={"max_inbox_messages": INBOX_CAP},
+        cluster_options={"max_inbox_messages": INBOX_CAP, "dedup_window": DEDUP_WINDOW},
     ) as c:
         yield c
 
@@ -64,7 +68,7 @@ def cp_capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterThrea
         nodes=3,
         edges=1,
         mode="cp",
-        cluster_options={"max_inbox_messages": INBOX_CAP},
+        cluster_options={"max_inbox_messages": INBOX_CAP, "dedup_window": DEDUP_WINDOW},
     ) as c:
         yield c
 
@@ -349,6 +353,45 @@ async def test_inbox_full_when_over_the_cap_and_nothing_dropped(
                     (msg,) = await receiver.messages(1)
                     assert msg["mid"] == retried["mid"] and msg["body"] == INBOX_CAP
                     assert retried["mid"] not in {a["mid"] for a in sent}
+
+
+DEDUP_MID_BUG = (
+    "iris_raft/_ops.py mid_for() derives the mid from (sender, client id) only "
+    "(_node.py Node.send: Send(..., mid_for(op_id), now)), but the id is remembered only for "
+    "dedup_window while the message is stored for message_ttl: a reuse after the window gets "
+    "the old mid; IrisState._send refuses it ('message id ... already stored'): cp answers "
+    "bad_request, hardened_ap answers sent and then _drain_loop drops it (logged 'refused by "
+    "apply'); once the old one is acked the new message reuses its mid (dropped by clients)"
+)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("cp", marks=pytest.mark.xfail(strict=True, reason=DEDUP_MID_BUG)),
+        pytest.param("hardened_ap", marks=pytest.mark.xfail(strict=True, reason=DEDUP_MID_BUG)),
+    ],
+)
+async def test_an_id_reused_after_the_dedup_window_is_a_new_message(
+    request: pytest.FixtureRequest, mode: str
+) -> None:
+    cluster: ClusterThread = request.getfixturevalue("cp_capped" if mode == "cp" else "ap_cluster")
+    alice, bob = unique("alice"), unique("bob")
+    with trio.fail_after(30):
+        async with login(cluster.url(0), cluster.token(alice)) as sender:
+            first = await sender.send_message(bob, "first", id="reused")
+            # Let the window pass (replicated time moves on once a second): nothing to wait on.
+            await trio.sleep(DEDUP_WINDOW + 2.5)
+            await sender.send({"type": "send", "id": "reused", "to": bob, "body": "second"})
+            second = await sender.answer("reused")
+        async with login(cluster.url(-1), cluster.token(bob)) as receiver:
+            got: list[dict[str, Any]] = []
+            with trio.move_on_after(5):  # both are stored: they come at once
+                while len(got) < 2:
+                    got.append(await receiver.wait_for("msg"))
+    assert second["type"] == "sent", second
+    assert [m["body"] for m in got] == ["first", "second"], "both are stored and delivered"
+    assert second["mid"] != first["mid"], "a new message, not a retry: a new mid"
 
 
 async def test_rate_limited_beyond_the_default_burst(ap_cluster: ClusterThread) -> None:
