@@ -92,6 +92,10 @@ LEASE_TTL = 30.0
 ACK_FLUSH_INTERVAL = 0.05
 SEND_QUEUE = 256
 RATE_VIOLATIONS_BEFORE_CLOSE = 50
+#: Longest a single frame may take to write before the connection is aborted.
+WRITE_TIMEOUT = 30.0
+#: Longest a close handshake may take before the socket is simply closed.
+CLOSE_TIMEOUT = 5.0
 #: Frames of any kind per connection per second (and burst) before ``rate_limited``.
 FRAME_RATE = 1000.0
 FRAME_BURST = 2000
@@ -147,6 +151,7 @@ class Connection:
     expiry: trio.CancelScope | None = None
     rate_violations: int = 0
     sync_generation: int = 0
+    broken: bool = False  # a frame was cut: no clean close is possible
     frames: TokenBucket = field(
         default_factory=lambda: TokenBucket(FRAME_RATE, FRAME_BURST, time.monotonic())
     )
@@ -387,7 +392,7 @@ class EdgeServer:
                     while True:
                         _kind, data = conn.out_recv.receive_nowait()
                         await ws.send_message(data)
-            await _close(ws, conn.closing)
+            await _close(ws, conn.closing, broken=conn.broken)
 
     async def _register(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -518,10 +523,18 @@ class EdgeServer:
 
     async def _writer(self, conn: Connection) -> None:
         async for _kind, data in conn.out_recv:
-            try:
-                await conn.ws.send_message(data)
-            except ConnectionClosed:
-                conn.close(CloseCode.NORMAL, "peer closed")
+            # A frame is never cut in half by a close: the send is shielded,
+            # bounded by WRITE_TIMEOUT, after which the connection is aborted.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                try:
+                    await conn.ws.send_message(data)
+                except ConnectionClosed:
+                    conn.close(CloseCode.NORMAL, "peer closed")
+                    return
+            if scope.cancelled_caught:
+                conn.broken = True
+                conn.close(CloseCode.POLICY, "client too slow: a frame could not be written")
                 return
 
     async def _expiry_watch(self, conn: Connection) -> None:
@@ -584,12 +597,23 @@ class EdgeServer:
                 backoff = min(backoff * 2, 1.0)
         if generation != conn.sync_generation or conn.closing is not None:
             return
+        # Stored messages wait for the writer (an inbox may be larger than the queue).
         for msg in stored:
-            self._deliver(conn, msg)
-        buffered, conn.buffered = conn.buffered, []
-        for msg in buffered:
-            self._deliver(conn, msg)
+            await self._deliver_waiting(conn, msg)
+        while conn.buffered:
+            buffered, conn.buffered = conn.buffered, []
+            for msg in buffered:
+                await self._deliver_waiting(conn, msg)
         conn.live = True
+
+    async def _deliver_waiting(self, conn: Connection, msg: StoredMessage) -> None:
+        if msg.mid in conn.delivered or conn.closing is not None:
+            return
+        conn.delivered.add(msg.mid)
+        self.metrics.delivery_latency.observe(max(0.0, time.time() - msg.ts / 1000))
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await conn.out_send.send(("msg", encode_msg(msg.mid, msg.sender, msg.body, msg.ts)))
+            self.metrics.frames_out.labels("msg").inc()
 
     def _deliver(self, conn: Connection, msg: StoredMessage) -> None:
         if msg.mid in conn.delivered:
@@ -757,8 +781,15 @@ def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def _close(ws: WebSocketConnection, close: _Close) -> None:
-    with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-        if close.error is not None:
-            await ws.send_message(encode_error(close.error, None, close.reason))
-        await ws.aclose(close.code, close.reason[:120])
+async def _close(ws: WebSocketConnection, close: _Close, *, broken: bool = False) -> None:
+    """Send the error frame (if any) and the close frame; bounded, then the socket is closed."""
+    errors = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+    if not broken:
+        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(*errors):
+            if close.error is not None:
+                await ws.send_message(encode_error(close.error, None, close.reason))
+            await ws.aclose(close.code, close.reason[:120])
+            return
+    # Aborted (a cut frame, or a peer that does not read): close the TCP stream.
+    with contextlib.suppress(*errors, AttributeError):
+        await ws._stream.aclose()

@@ -614,7 +614,12 @@ class Node:
             if known is not None:
                 return SendResult(known[0], known[1], True)
             self._check_inbox_room(recipient, len(body))
-            op = Send(op_id, sender, recipient, body, mid_for(op_id), now)
+            mid = mid_for(op_id)
+            if self._raft.read_state(lambda s: mid in s.inboxes.get(recipient, ())):
+                # The id was reused after the dedup window while the first message
+                # is still stored: a new message needs a mid of its own.
+                mid = mid_for(f"{op_id}#{now}")
+            op = Send(op_id, sender, recipient, body, mid, now)
             self._pending_sends[op_id] = (op.mid, op.ts)
             if _UNSAFE_ACK:
                 self._admit([op])
@@ -641,16 +646,17 @@ class Node:
         return None
 
     def _check_inbox_room(self, recipient: str, size: int) -> None:
+        """Admission check against the local replica plus this core's undrained sends."""
         lim = self._limits
+        queued = self._undrained_per_recipient.get(recipient, 0)
 
         def room(s: IrisState) -> bool:
             box = s.inboxes.get(recipient)
-            count = len(box) if box else 0
+            count = (len(box) if box else 0) + queued
             used = s.inbox_bytes.get(recipient, 0)
             return count < lim.max_inbox_messages and used + size <= lim.max_inbox_bytes
 
-        queued = self._undrained_per_recipient.get(recipient, 0)
-        if not self._raft.read_state(room) or queued >= lim.max_inbox_messages:
+        if not self._raft.read_state(room):
             raise InboxFull(f"inbox of {recipient!r} is full")
 
     async def ack(self, user: str, mids: Sequence[str], *, op_id: str | None = None) -> None:

@@ -52,6 +52,7 @@ from ._ops import (
     RevokeUser,
     Send,
     decode_batch_header,
+    mid_for,
     op_from_wire,
 )
 
@@ -258,17 +259,22 @@ class IrisState:
             return _err("inbox_full", f"inbox of {op.recipient!r} is full")
         if inbox is None:
             inbox = self.inboxes[op.recipient] = {}
-        if op.mid in inbox:
-            return _err("bad_request", f"message id {op.mid!r} already stored")
+        mid = op.mid
+        if mid in inbox:
+            # The same (sender, id) again after the dedup window, while the first
+            # message is still stored: a new message, with a mid of its own.
+            mid = mid_for(f"{op.op_id}#{self.now_ms}")
+            if mid in inbox:
+                return _err("bad_request", f"message id {mid!r} already stored")
         expires = self.now_ms + limits.message_ttl_ms
-        msg = StoredMessage(op.mid, op.sender, op.body, op.ts, expires)
-        inbox[op.mid] = msg
+        msg = StoredMessage(mid, op.sender, op.body, op.ts, expires)
+        inbox[mid] = msg
         self.inbox_bytes[op.recipient] = size + len(op.body)
         self.message_count += 1
         self.state_bytes += self._message_cost(msg)
-        heapq.heappush(self._expiry, (expires, op.recipient, op.mid))
+        heapq.heappush(self._expiry, (expires, op.recipient, mid))
         events.append(MessageEvent(op.recipient, msg))
-        return (True, (op.mid, op.ts))
+        return (True, (mid, op.ts))
 
     @staticmethod
     def _message_cost(msg: StoredMessage) -> int:

@@ -113,7 +113,8 @@ class ClusterThread:
         if not self._ready.wait(timeout):
             raise RuntimeError(f"the cluster did not start within {timeout} s")
         if self._error is not None:
-            raise RuntimeError(f"the cluster did not start: {self._error!r}") from self._error
+            error, self._error = self._error, None  # reported here, not again by close()
+            raise RuntimeError(f"the cluster did not start: {error!r}") from error
         return self
 
     def close(self) -> None:

@@ -343,3 +343,15 @@ async def test_refresh_with_a_forged_token_closes_4001(cluster: ClusterThread) -
                 {"type": "auth", "token": attack_token("wrong_secret", cluster.jwt_secret, user)}
             )
             await client.expect_close(4001, "auth_failed")
+
+
+async def test_refresh_with_an_expired_token_closes_4001(cluster: ClusterThread) -> None:
+    user = unique("refresh")
+    now = int(time.time())
+    expired = jwt.encode(
+        claims_for(user, iat=now - 3700, exp=now - 100), cluster.jwt_secret, algorithm="HS256"
+    )
+    with trio.fail_after(10):
+        async with login(cluster.url(1), cluster.token(user)) as client:
+            await client.send({"type": "auth", "token": expired})
+            await client.expect_close(4001, "token_expired")

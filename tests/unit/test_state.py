@@ -40,6 +40,7 @@ from iris_raft._ops import (
     Send,
     decode_batch_header,
     encode_batch,
+    mid_for,
     op_from_wire,
     op_to_wire,
     send_op_id,
@@ -209,15 +210,19 @@ class Model:
             full = used + len(op.body) > limits.max_inbox_bytes
             if len(box) >= limits.max_inbox_messages or full:
                 return (False, "inbox_full")
-            if any(m.mid == op.mid for m in box):
-                return (False, "bad_request")
-            if (op.recipient, op.mid) in self.stored:
+            mid = op.mid
+            if any(m.mid == mid for m in box):
+                # A new message whose mid is taken: a mid of its own, from the op id and time.
+                mid = mid_for(f"{op.op_id}#{self.now}")
+                if any(m.mid == mid for m in box):
+                    return (False, "bad_request")
+            if (op.recipient, mid) in self.stored:
                 self.notes.add("mid stored again")
-            msg = StoredMessage(op.mid, op.sender, op.body, op.ts, self.now + limits.message_ttl_ms)
+            msg = StoredMessage(mid, op.sender, op.body, op.ts, self.now + limits.message_ttl_ms)
             self.inboxes.setdefault(op.recipient, []).append(msg)
-            self.stored.add((op.recipient, op.mid))
+            self.stored.add((op.recipient, mid))
             events.append(MessageEvent(op.recipient, msg))
-            return (True, (op.mid, op.ts))
+            return (True, (mid, op.ts))
         if isinstance(op, Ack):
             box = self.inboxes.get(op.user, [])
             removed = []
@@ -859,9 +864,11 @@ def test_send_rejects_empty_ids_and_a_stored_mid() -> None:
         Send("c", "x", "bob", b"", "", 2),
         Send("d", "x", "bob", b"", "m1", 2),
     )
-    assert codes(results) == [(False, "bad_request")] * 3
-    assert state.message_count == 1
-    assert all(state.dedup_result(o) is None for o in "bcd")
+    assert codes(results)[:2] == [(False, "bad_request")] * 2
+    # A taken mid (an id reused after the dedup window) gets a mid of its own.
+    assert results[2][0] is True and results[2][1][0] == mid_for("d#2") != "m1"
+    assert state.message_count == 2
+    assert all(state.dedup_result(o) is None for o in "bc")
 
 
 def test_ack_removes_only_the_users_messages() -> None:
