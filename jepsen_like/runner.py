@@ -280,6 +280,7 @@ async def run_scenario(
     history = History()
     t0 = time.monotonic()
     skipped: str | None = None
+    setup_failed: str | None = None
     final: dict[str, Any] = {}
     env = dict(scenario.env)
     async with open_cluster(
@@ -300,7 +301,11 @@ async def run_scenario(
         except FaultUnavailable as exc:
             skipped = str(exc)
         if skipped is None:
-            await cluster.wait_leader(timeout=30)
+            try:
+                await cluster.wait_leader(timeout=60)
+            except trio.TooSlowError:
+                setup_failed = "the cluster did not elect a leader within 60 s of starting"
+        if skipped is None and setup_failed is None:
             history = History()
             nemesis.history = history
             phase = ["running"]
@@ -319,11 +324,15 @@ async def run_scenario(
                 final = await workload.final(cluster, history)
                 nursery.cancel_scope.cancel()
     results: list[checkers.CheckResult] = []
-    if skipped is None:
+    if skipped is None and setup_failed is None:
         results = workload.check(history, final, mode)
         history.dump(os.path.join(out, "history.jsonl"))
-    valid = _verdict(results) if skipped is None else "skipped"
-    if skipped is not None:
+    valid: bool | str = _verdict(results) if skipped is None else "skipped"
+    if setup_failed is not None:
+        valid = "setup_failed"
+        passed = False
+        skipped = None
+    elif skipped is not None:
         passed = True
     elif scenario.expect_valid:
         passed = valid is True
@@ -394,6 +403,9 @@ def render_report(
     ]
     if result.skipped:
         lines.append(f"SKIPPED    {result.skipped}")
+        return "\n".join(lines) + "\n"
+    if result.valid == "setup_failed":
+        lines.append("FAIL       the cluster did not elect a leader in time (see cluster/*.log)")
         return "\n".join(lines) + "\n"
     expectation = "valid" if scenario.expect_valid else "INVALID (canary)"
     lines.append(
