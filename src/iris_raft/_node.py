@@ -385,7 +385,7 @@ class Node:
         self._drain_next = 1
         self._drain_ready = trio.Event()
         self._pending_sends: dict[str, tuple[str, int]] = {}  # op_id -> (mid, ts)
-        self._undrained_per_recipient: dict[str, int] = {}
+        self._undrained_per_recipient: dict[str, set[str]] = {}  # recipient -> send op ids
         self._memory_warned = False
         self.started_at = time.time()
         self._ready = trio.Event()
@@ -571,19 +571,17 @@ class Node:
         self._undrained[lsn] = op
         if isinstance(op, Send):
             self._pending_sends[op.op_id] = (op.mid, op.ts)
-            counts = self._undrained_per_recipient
-            counts[op.recipient] = counts.get(op.recipient, 0) + 1
+            self._undrained_per_recipient.setdefault(op.recipient, set()).add(op.op_id)
 
     def _release_undrained(self, lsn: int) -> None:
         op = self._undrained.pop(lsn)
         if isinstance(op, Send):
             self._pending_sends.pop(op.op_id, None)
-            counts = self._undrained_per_recipient
-            left = counts.get(op.recipient, 1) - 1
-            if left > 0:
-                counts[op.recipient] = left
-            else:
-                counts.pop(op.recipient, None)
+            ids = self._undrained_per_recipient.get(op.recipient)
+            if ids is not None:
+                ids.discard(op.op_id)
+                if not ids:
+                    del self._undrained_per_recipient[op.recipient]
 
     @staticmethod
     def _raise_for(result: Result) -> Any:
@@ -648,10 +646,12 @@ class Node:
     def _check_inbox_room(self, recipient: str, size: int) -> None:
         """Admission check against the local replica plus this core's undrained sends."""
         lim = self._limits
-        queued = self._undrained_per_recipient.get(recipient, 0)
+        pending = self._undrained_per_recipient.get(recipient, ())
 
         def room(s: IrisState) -> bool:
             box = s.inboxes.get(recipient)
+            # Undrained sends already applied are in the inbox: count them once.
+            queued = sum(1 for op_id in pending if op_id not in s.dedup)
             count = (len(box) if box else 0) + queued
             used = s.inbox_bytes.get(recipient, 0)
             return count < lim.max_inbox_messages and used + size <= lim.max_inbox_bytes
