@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -275,6 +276,9 @@ async def run_scenario(
 ) -> RunResult:
     """Run one scenario on a fresh cluster and write its results under ``out``."""
     os.makedirs(out, exist_ok=True)
+    # A fresh cluster every run: data left by an earlier run in the same folder
+    # would start the registers and inboxes from old values.
+    shutil.rmtree(os.path.join(out, "cluster"), ignore_errors=True)
     rng = random.Random(seed)
     workload = WORKLOADS[scenario.workload]()
     history = History()
