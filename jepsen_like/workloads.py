@@ -44,6 +44,15 @@ from .history import History
 logger = logging.getLogger("jepsen_like.workloads")
 
 OP_TIMEOUT = 3.0
+#: What an edge connection can fail with; the workload reconnects after any of them.
+_EDGE_ERRORS = (
+    ConnectionClosed,
+    HandshakeError,
+    OSError,
+    trio.TooSlowError,
+    ConnectionError,
+    ValueError,
+)
 
 
 @dataclass
@@ -299,14 +308,7 @@ class MessageWorkload(Workload):
                         if kind != "ok":
                             await trio.sleep(0.05)
                         await trio.sleep(self.pace)
-            except (
-                ConnectionClosed,
-                HandshakeError,
-                OSError,
-                trio.TooSlowError,
-                ConnectionError,
-                ValueError,
-            ):
+            except _EDGE_ERRORS:
                 await trio.sleep(0.1)
 
     async def _await_sent(self, edge: _Edge, msg_id: str) -> tuple[str, dict[str, Any]]:
@@ -341,16 +343,11 @@ class MessageWorkload(Workload):
                     while True:
                         frame = await edge.receive()
                         if frame.get("type") == "msg":
-                            history.observe(process, "deliver", user, _seen(user, frame), stream=stream)
+                            history.observe(
+                                process, "deliver", user, _seen(user, frame), stream=stream
+                            )
                             await edge.send_frame({"type": "ack", "mids": [frame["mid"]]})
-            except (
-                ConnectionClosed,
-                HandshakeError,
-                OSError,
-                trio.TooSlowError,
-                ConnectionError,
-                ValueError,
-            ):
+            except _EDGE_ERRORS:
                 await trio.sleep(0.1)
 
     async def final(self, cluster: LocalCluster, history: History) -> dict[str, Any]:
@@ -374,14 +371,7 @@ class MessageWorkload(Workload):
                                 return
                             if frame.get("type") == "msg":
                                 seen.append(_seen(user, frame))
-                except (
-                    ConnectionClosed,
-                    HandshakeError,
-                    OSError,
-                    trio.TooSlowError,
-                    ConnectionError,
-                    ValueError,
-                ):
+                except _EDGE_ERRORS:
                     await trio.sleep(0.5)
 
         async with trio.open_nursery() as nursery:
