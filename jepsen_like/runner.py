@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from . import checkers
-from .cluster import open_cluster
+from .cluster import LocalCluster, open_cluster
 from .history import History
 from .nemesis import FAULTS, FaultUnavailable, Nemesis
 from .netns import netns_available
@@ -213,6 +213,9 @@ class RunResult:
     ops: int
     skipped: str | None = None
     duration_s: float = 0.0
+    #: Seconds from the heal until every core was writable with an empty WAL
+    #: backlog and the same applied index; None if it did not happen in time.
+    settled_after_s: float | None = None
 
 
 def _check_dicts(results: list[checkers.CheckResult]) -> list[dict[str, Any]]:
@@ -252,6 +255,37 @@ async def _progress(
             flush=True,
         )
         await trio.sleep(2.0)
+
+
+#: Longest wait after the heal for every core to be writable with an empty WAL backlog.
+SETTLE_TIMEOUT = 60.0
+
+
+async def settle(cluster: LocalCluster, timeout: float) -> float | None:
+    """Wait until every core sees a quorum, has drained its WAL and applied the same index.
+
+    Jepsen's "final reads after recovery": in ``hardened_ap`` a write taken
+    by the minority side just before its guard noticed the cut sits in that
+    core's WAL until the heal, and the final drain must not run before it
+    had its chance to replicate. Returns the seconds it took, or None when
+    the cluster did not settle in ``timeout`` (the final reads then run
+    anyway, and whatever did not reach the log counts as lost).
+    """
+    start = trio.current_time()
+    with trio.move_on_after(timeout):
+        while True:
+            statuses = await cluster.statuses()
+            if all(s is not None for s in statuses):
+                ok = [s for s in statuses if s is not None]
+                applied = {s["raft"].get("last_applied") for s in ok}
+                if (
+                    all(s["safe_for_writes"] for s in ok)
+                    and sum(s["wal_backlog"] for s in ok) == 0
+                    and len(applied) == 1
+                ):
+                    return round(trio.current_time() - start, 2)
+            await trio.sleep(0.25)
+    return None
 
 
 def choose_mechanism(requested: str) -> str:
@@ -324,8 +358,11 @@ async def run_scenario(
                 await nemesis.heal()
                 with trio.move_on_after(30):
                     await cluster.wait_leader(timeout=30)
+                phase[0] = "settling"
+                settled = await settle(cluster, timeout=SETTLE_TIMEOUT)
                 phase[0] = "final"
                 final = await workload.final(cluster, history)
+                final["settled_after_s"] = settled
                 nursery.cancel_scope.cancel()
     results: list[checkers.CheckResult] = []
     if skipped is None and setup_failed is None:
@@ -356,6 +393,7 @@ async def run_scenario(
         ops=len(history.ops),
         skipped=skipped,
         duration_s=round(time.monotonic() - t0, 1),
+        settled_after_s=final.get("settled_after_s"),
     )
     write_outputs(result, scenario, history, results, final)
     return result
@@ -414,6 +452,11 @@ def render_report(
     expectation = "valid" if scenario.expect_valid else "INVALID (canary)"
     lines.append(
         f"verdict    {result.valid} (expected {expectation}) -> {'PASS' if result.passed else 'FAIL'}"
+    )
+    lines.append(
+        f"settled    {result.settled_after_s} s after the heal"
+        if result.settled_after_s is not None
+        else f"settled    NOT within {SETTLE_TIMEOUT:.0f} s of the heal (final reads ran anyway)"
     )
     lines.append("")
     for r in results:

@@ -16,6 +16,21 @@ core batches concurrent calls into one Raft entry).
   :class:`UnknownOutcome`, never a plain failure.
 * The configured cores are a seed: on every (re)connect the client asks for
   the announced membership and the leader, and prefers the leader.
+* Per-sender order across cores (``hardened_ap``): a core acknowledges a send
+  once it is in its own WAL, and drains it into Raft right after. If the
+  client then moves to another core (the first one was cut off, paused or
+  killed), the next send from the same sender could be committed before the
+  earlier ones, which would break the per-pair order the protocol promises.
+  So the client remembers, per sender, the last send acknowledged by each
+  core; when a core refuses writes with ``write_blocked``, it also asks that
+  core which senders' sends it still holds undrained, whoever sent them.
+  Before sending for such a sender through a *different* core it asks that
+  core whether the remembered send has been applied (``applied``; the WAL
+  drains in order, so the last one implies all earlier ones). Until it has,
+  the send fails with :class:`WriteBlocked` (retried within the
+  deadline). After ``order_fence`` seconds (default 30) the fence is dropped:
+  the accepting core is treated as crashed, and the protocol's order
+  exception applies.
 * :meth:`Client.subscribe` keeps a subscription alive across reconnects on
   its own connection. After every (re)subscription it yields a
   :class:`Resync` marker: the consumer must refetch the inboxes it serves,
@@ -29,7 +44,9 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -42,12 +59,15 @@ from ._exceptions import (
     WriteBlocked,
 )
 from ._node import SendResult
-from ._ops import new_op_id
+from ._ops import new_op_id, send_op_id
 from ._rpc import RpcClientConnection, open_rpc_connection
 from ._state import Event, StoredMessage
 from ._wire import Resync, event_from_wire, message_from_wire
 
 logger = logging.getLogger("iris_raft.client")
+
+#: Senders whose last acknowledged send is remembered for the order fence.
+FENCE_ENTRIES = 100_000
 
 
 class Client:
@@ -63,6 +83,7 @@ class Client:
         connect_timeout: float,
         prefer_leader: bool,
         nursery: trio.Nursery,
+        order_fence: float = 30.0,
     ) -> None:
         if not cores:
             raise ValueError("at least one core address is needed")
@@ -79,6 +100,11 @@ class Client:
         self._lock = trio.Lock()
         self._next = random.randrange(len(self.cores))
         self.reconnects = 0
+        #: The consistency mode the cores announced (None until first connect).
+        self.mode: str | None = None
+        self.order_fence = order_fence
+        # sender -> (core address, op id of its last acknowledged send, when).
+        self._fence: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
 
     # ---------------------------------------------------------- connections
 
@@ -118,6 +144,9 @@ class Client:
         await trio.lowlevel.checkpoint()
 
     async def _connection(self) -> RpcClientConnection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn  # the common case: no lock, no yield per call
         async with self._lock:
             if self._conn is not None and not self._conn.closed:
                 return self._conn
@@ -143,6 +172,9 @@ class Client:
             status = await conn.call("status", {}, timeout=self._connect_timeout)
         except IrisError:
             return
+        mode = status.get("mode")
+        if isinstance(mode, str):
+            self.mode = mode
         for node in status.get("nodes", []):
             rpc = node.get("rpc")
             if isinstance(rpc, str) and rpc not in self.cores:
@@ -160,6 +192,22 @@ class Client:
         self, method: str, params: dict[str, Any], *, timeout: float | None = None
     ) -> Any:
         """Call ``method`` with retries until the deadline; see the module docstring."""
+        result, _address = await self._call(method, params, timeout=timeout)
+        return result
+
+    async def _call(
+        self,
+        method: str,
+        params: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        before: Callable[[RpcClientConnection, str, float], Awaitable[None]] | None = None,
+    ) -> tuple[Any, str]:
+        """:meth:`call`, also returning the address of the core that answered.
+
+        ``before(conn, address, deadline)`` runs ahead of each attempt and may
+        raise a retryable error to move on to another core.
+        """
         deadline = trio.current_time() + (self.timeout if timeout is None else timeout)
         unknown = False
         last: IrisError | None = None
@@ -170,14 +218,22 @@ class Client:
                 break
             try:
                 conn = await self._connection()
-                return await conn.call(
+                address = self._conn_address or ""
+                if before is not None:
+                    await before(conn, address, deadline)
+                result = await conn.call(
                     method, params, timeout=max(0.05, deadline - trio.current_time())
                 )
+                return result, address
             except UnknownOutcome as exc:
                 unknown, last = True, exc
                 if self._conn is not None and self._conn.closed:
                     await self._rotate()
-            except (Unavailable, WriteBlocked, ProtocolError) as exc:
+            except WriteBlocked as exc:
+                last = exc
+                await self._learn_undrained()
+                await self._rotate()
+            except (Unavailable, ProtocolError) as exc:
                 last = exc
                 await self._rotate()
             except OSError as exc:
@@ -192,10 +248,83 @@ class Client:
     # --------------------------------------------------------------- writes
 
     async def send(self, sender: str, client_id: str, recipient: str, body: bytes) -> SendResult:
-        r = await self.call(
-            "send", {"sender": sender, "client_id": client_id, "to": recipient, "body": body}
+        async def fence(conn: RpcClientConnection, address: str, deadline: float) -> None:
+            await self._order_fence(conn, address, sender, deadline)
+
+        r, address = await self._call(
+            "send",
+            {"sender": sender, "client_id": client_id, "to": recipient, "body": body},
+            before=fence,
         )
+        if self.mode == "hardened_ap" and address:
+            self._remember(sender, address, send_op_id(sender, client_id), time.monotonic())
         return SendResult(r["mid"], r["ts"], bool(r["duplicate"]))
+
+    async def _learn_undrained(self) -> None:
+        """Before leaving a core that blocks writes, learn whose sends it still holds.
+
+        Those sends were acknowledged (possibly through another client or
+        edge) and will reach Raft only when that core rejoins; the order fence
+        then holds later sends of the same senders back.
+        """
+        conn, address = self._conn, self._conn_address
+        if self.mode != "hardened_ap" or conn is None or conn.closed or not address:
+            return
+        try:
+            held = await conn.call("undrained_senders", {}, timeout=0.5)
+        except (IrisError, OSError):
+            return
+        if not isinstance(held, dict):
+            return
+        now = time.monotonic()
+        for sender, op_id in held.items():
+            if isinstance(sender, str) and isinstance(op_id, str):
+                self._remember(sender, address, op_id, now)
+
+    def _remember(self, sender: str, address: str, op_id: str, when: float) -> None:
+        self._fence[sender] = (address, op_id, when)
+        self._fence.move_to_end(sender)
+        while len(self._fence) > FENCE_ENTRIES:
+            self._fence.popitem(last=False)
+
+    async def _order_fence(
+        self, conn: RpcClientConnection, address: str, sender: str, deadline: float
+    ) -> None:
+        """Wait until ``sender``'s sends acknowledged by another core are applied here.
+
+        See the module docstring. Raises :class:`WriteBlocked` when they are
+        not applied within ~1 s (the caller moves on and retries).
+        """
+        entry = self._fence.get(sender)
+        if entry is None or entry[0] == address:
+            return
+        core, op_id, acked_at = entry
+        if time.monotonic() - acked_at > self.order_fence:
+            logger.warning(
+                "order fence for %s dropped: its send %s acknowledged by %s is not applied "
+                "after %.0f s; later sends may be delivered before it",
+                sender,
+                op_id,
+                core,
+                self.order_fence,
+            )
+            del self._fence[sender]
+            return
+        stop = min(deadline, trio.current_time() + 1.0)
+        while True:
+            (done,) = await conn.call(
+                "applied", {"op_ids": [op_id]}, timeout=max(0.05, deadline - trio.current_time())
+            )
+            if done:
+                if self._fence.get(sender) == entry:
+                    del self._fence[sender]
+                return
+            if trio.current_time() + 0.05 >= stop:
+                raise WriteBlocked(
+                    f"earlier messages from {sender!r} accepted by core {core} are not "
+                    "replicated yet; retry"
+                )
+            await trio.sleep(0.05)
 
     async def ack(self, user: str, mids: Sequence[str], *, op_id: str | None = None) -> None:
         await self.call("ack", {"user": user, "mids": list(mids), "op_id": op_id or new_op_id()})
@@ -389,6 +518,7 @@ async def open_client(
     timeout: float = 5.0,
     connect_timeout: float = 2.0,
     prefer_leader: bool = True,
+    order_fence: float = 30.0,
 ) -> AsyncIterator[Client]:
     """Connect to a core cluster (any of ``cores``); close everything on exit."""
     key = secret.encode() if isinstance(secret, str) else secret
@@ -401,6 +531,7 @@ async def open_client(
             connect_timeout=connect_timeout,
             prefer_leader=prefer_leader,
             nursery=nursery,
+            order_fence=order_fence,
         )
         try:
             yield client

@@ -634,6 +634,29 @@ class Node:
         mid, ts = self._raise_for(result)
         return SendResult(mid, ts, len(result) > 2)
 
+    def applied(self, op_ids: Sequence[str]) -> list[bool]:
+        """Whether each operation id has been applied to this core's replica.
+
+        A local read of the dedup table, without a barrier: clients use it to
+        learn that another core's acknowledged (hardened_ap) writes have
+        reached the log before they send more for the same sender elsewhere.
+        """
+        found: list[bool] = self._raft.read_state(lambda s: [op in s.dedup for op in op_ids])
+        return found
+
+    def undrained_senders(self) -> dict[str, str]:
+        """Sender -> op id of its last send acknowledged here but not yet in Raft.
+
+        Empty in ``cp`` mode. Clients leaving this core ask for it (see the
+        order fence in :mod:`iris_raft._client`).
+        """
+        last: dict[str, str] = {}
+        for lsn in sorted(self._undrained):
+            op = self._undrained[lsn]
+            if isinstance(op, Send):
+                last[op.sender] = op.op_id
+        return last
+
     def _known_send(self, op_id: str) -> tuple[str, int] | None:
         pending = self._pending_sends.get(op_id)
         if pending is not None:

@@ -99,9 +99,54 @@ class GuardTransport(TCPTransport):  # type: ignore[misc]
         now = time.monotonic()
         if now - self._last_beat < self._interval:
             return
+        starved = now - self._last_beat > self._interval + self._syncObj.conf.connectionTimeout / 2
         self._last_beat = now
+        if not starved:
+            self._watchdog(now)
         for node in list(self._nodes):
             self.send(node, _HEARTBEAT)
+
+    def _watchdog(self, now: float) -> None:
+        """Drop peer links that have been silent longer than ``connectionTimeout``.
+
+        PySyncObj checks a connection's timeout only when it sends on it or
+        the poller reports an event, and it sends only on CONNECTED links. An
+        outgoing connect whose SYN was dropped by a partition therefore stays
+        CONNECTING with no event until the kernel gives up (about two minutes),
+        and only the higher-addressed node of a pair ever dials: after the heal
+        the pair stays apart, and a follower can miss every append for that
+        long. Resetting the link lets the normal retry dial again.
+
+        Skipped on a tick that comes late (the process was paused or starved),
+        because then the silence is ours and the peer's data is still unread.
+        """
+        timeout = self._syncObj.conf.connectionTimeout
+        for node in list(self._nodes):
+            conn = self._connections.get(node)
+            if conn is None or conn.state == CONNECTION_STATE.DISCONNECTED:
+                continue
+            last_read = getattr(conn, "_TcpConnection__lastReadTime", now)
+            if now - last_read > timeout:
+                logger.info(
+                    "raft link to %s silent for %.1f s (%s): reconnecting",
+                    node.id,
+                    now - last_read,
+                    "connecting" if conn.state == CONNECTION_STATE.CONNECTING else "connected",
+                )
+                conn.disconnect()
+
+
+_LINK_STATES = {
+    CONNECTION_STATE.DISCONNECTED: "disconnected",
+    CONNECTION_STATE.CONNECTING: "connecting",
+    CONNECTION_STATE.CONNECTED: "connected",
+}
+
+
+def _link_state(sync: Any, node: Any) -> str:
+    """The TCP link's state as this node's transport sees it (``none`` before any)."""
+    conn = sync._SyncObj__transport._connections.get(node)
+    return "none" if conn is None else _LINK_STATES.get(conn.state, "unknown")
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -384,6 +429,15 @@ class RaftHost:
             "last_applied": st["last_applied"],
             "log_len": st["log_len"],
             "has_quorum": bool(st["has_quorum"]),
+            "peers": {
+                node.id: {
+                    "connected": bool(sync.isNodeConnected(node)),
+                    "link": _link_state(sync, node),
+                    "next_index": st.get("next_node_idx_server_" + node.id),
+                    "match_index": st.get("match_idx_server_" + node.id),
+                }
+                for node in list(sync.otherNodes)
+            },
         }
 
     async def change_membership(self, add: str | None, remove: str | None, timeout: float) -> None:

@@ -143,6 +143,17 @@ async def _get_register(node: Node, conn: RpcServerConnection, p: dict[str, Any]
     return await node.get(_get(p, "key", str), linearizable=_get(p, "linearizable", bool, None))
 
 
+async def _applied(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
+    op_ids = _text_list(p, "op_ids")
+    if len(op_ids) > 10_000:
+        raise BadRequest("at most 10000 op_ids per call", field="op_ids")
+    return node.applied(op_ids)
+
+
+async def _undrained_senders(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
+    return node.undrained_senders()
+
+
 async def _status(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
     return node.status()
 
@@ -280,6 +291,8 @@ METHODS: dict[str, Handler] = {
     "put": _put,
     "cas": _cas,
     "get": _get_register,
+    "applied": _applied,
+    "undrained_senders": _undrained_senders,
     "status": _status,
     "members": _members,
     "ping": _ping,

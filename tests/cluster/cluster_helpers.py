@@ -201,6 +201,8 @@ class Workload:
     writers: int = 20
     recipients: int = 4
     op_deadline: float = 30.0
+    #: The client's order fence (seconds): see iris_raft._client.
+    order_fence: float = 30.0
     acks: dict[str, Ack] = field(default_factory=dict)
     attempted: set[str] = field(default_factory=set)
     unresolved: set[str] = field(default_factory=set)
@@ -247,6 +249,7 @@ class Workload:
             timeout=timeout,
             connect_timeout=1.0,
             prefer_leader=w % 2 == 0,
+            order_fence=self.order_fence,
         ) as client:
             seq = 0
             while not self.stop.is_set():

@@ -28,10 +28,12 @@ from jepsen_like.cluster import LocalCluster
 pytestmark = pytest.mark.cluster
 
 
-async def _crash_all_under_writes(cluster: LocalCluster) -> tuple[Workload, float]:
+async def _crash_all_under_writes(
+    cluster: LocalCluster, *, order_fence: float = 30.0
+) -> tuple[Workload, float]:
     """Writers busy; every core killed at once; all restarted; the sends in hand
     finish. Returns the workload and the time of the crash."""
-    wl = Workload(tag="ka", writers=20)
+    wl = Workload(tag="ka", writers=20, order_fence=order_fence)
     async with running_workload(cluster, wl):
         await wl.wait_acks(300, timeout=20)
         await kill_all_at_once(cluster)
@@ -68,7 +70,10 @@ async def test_canary_acks_before_fsync_are_caught(tmp_path: Path) -> None:
         async with open_cluster(
             str(tmp_path), nodes=3, mode="hardened_ap", env={"IRIS_TEST_UNSAFE_ACK": "1"}
         ) as cluster:
-            wl, crashed_at = await _crash_all_under_writes(cluster)
+            # The lost acknowledged sends never reach the log, so the clients'
+            # order fence would hold each writer's next send back for its full
+            # 30 s; a short fence lets the writers finish within their deadline.
+            wl, crashed_at = await _crash_all_under_writes(cluster, order_fence=3.0)
             inboxes = await converged_inboxes(cluster, wl.inboxes)
             with pytest.raises(AssertionError, match="acknowledged sends lost"):
                 check_inboxes(wl, inboxes, where="canary", mid_may_differ_after=crashed_at)
