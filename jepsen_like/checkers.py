@@ -863,6 +863,7 @@ def check_messages(
     mode: Literal["cp", "hardened_ap"] = "cp",
     dedup_by_mid: bool = True,
     allow_late_after_crash: Collection[str] = (),
+    allow_late_across_connections: Collection[str] = (),
     require_final_drain: bool = True,
     compare_push_order: bool = True,
 ) -> CheckResult:
@@ -895,7 +896,11 @@ def check_messages(
     mode ``multi_mid_acks`` (one client id acknowledged with two mids; in
     ``hardened_ap`` that is documented and only counted). In ``hardened_ap``
     a late message with a mid in ``allow_late_after_crash`` (its accepting
-    core crashed before draining it) is counted as ``late``, not a violation.
+    core crashed before draining it) is counted as ``late``, not a violation;
+    so is one with a mid in ``allow_late_across_connections`` (its accepting
+    core may have been cut off or paused before draining it) when the message
+    that overtook it was sent by a *different* process (connection): a sender
+    that stays on one connection must keep its order.
     Recovered (``info`` sends seen delivered) are counted, fine.
 
     Messages to a recipient with no ``ok`` drain cannot be called lost; with
@@ -906,9 +911,10 @@ def check_messages(
     """
     if mode not in ("cp", "hardened_ap"):
         raise ValueError(f"mode must be 'cp' or 'hardened_ap', not {mode!r}")
-    if allow_late_after_crash and mode == "cp":
+    if (allow_late_after_crash or allow_late_across_connections) and mode == "cp":
         raise ValueError("late delivery after a crash is only allowed in hardened_ap mode")
     late_ok = frozenset(allow_late_after_crash)
+    late_elsewhere = frozenset(allow_late_across_connections)
     counts: Counter[str] = Counter()
     examples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     failing: list[Op | None] = []
@@ -1083,7 +1089,11 @@ def check_messages(
                 "late": {"id": a.ident[1], "mids": a.mids},
                 "overtaken_by": {"id": b.ident[1], "mids": b.mids},
             }
-            if mode == "hardened_ap" and late_ok.intersection(a.mids):
+            other_connection = bool(a.ops and b.ops) and a.ops[0].process != b.ops[0].process
+            if mode == "hardened_ap" and (
+                late_ok.intersection(a.mids)
+                or (other_connection and late_elsewhere.intersection(a.mids))
+            ):
                 counts["late"] += 1
                 if len(examples["late"]) < _MAX_EXAMPLES:
                     examples["late"].append(example)

@@ -911,6 +911,30 @@ def test_late_after_crash_is_counted_in_hardened_ap_only() -> None:
         check_messages(h, mode="cp", allow_late_after_crash={"m1"})
 
 
+def test_late_across_connections_needs_another_process() -> None:
+    # m1 acknowledged on process 0, overtaken by m2 sent later on process 1
+    h = new_history()
+    send(h, 0, "c1", "bob", mid="m1")
+    send(h, 1, "c2", "bob", mid="m2")
+    deliver(h, "bob", "m2", "c2")
+    deliver(h, "bob", "m1", "c1")
+    drain(h, "bob", [])
+    ap = check_messages(h, mode="hardened_ap", allow_late_across_connections={"m1"})
+    assert ap.valid is True and ap.counts["late"] == 1, ap.message
+    assert check_messages(h, mode="hardened_ap").counts["reordered"] == 1
+    with pytest.raises(ValueError, match="hardened_ap"):
+        check_messages(h, mode="cp", allow_late_across_connections={"m1"})
+    # the same overtaking on ONE connection stays a violation
+    same = new_history()
+    send(same, 0, "c1", "bob", mid="m1")
+    send(same, 0, "c2", "bob", mid="m2")
+    deliver(same, "bob", "m2", "c2")
+    deliver(same, "bob", "m1", "c1")
+    drain(same, "bob", [])
+    r = check_messages(same, mode="hardened_ap", allow_late_across_connections={"m1"})
+    assert r.valid is False and r.counts["reordered"] == 1
+
+
 # ====================================================================== revocations
 
 
