@@ -34,7 +34,12 @@ from iris_raft._state import Event
 
 
 class EventStream(Protocol):
-    """Events for a changing set of users, plus every revocation and kick."""
+    """Events for a changing set of users, plus every revocation and kick.
+
+    A stream may also offer ``receive_nowait() -> Event | Resync | None``
+    (an event already waiting, or None): the edge then handles what has
+    piled up in one turn instead of one event per scheduler turn.
+    """
 
     async def add_users(self, users: Iterable[str]) -> None: ...
 
@@ -132,6 +137,15 @@ class _LocalStream:
         users = set(users)
         self._users -= users
         self._sub.remove_users(users)
+
+    def receive_nowait(self) -> Event | Resync | None:
+        """An event already waiting, or None (then ``__anext__`` waits, or resubscribes)."""
+        if self._first:
+            return None
+        try:
+            return self._sub.receive_nowait()
+        except SubscriptionLost:
+            return None
 
     def __aiter__(self) -> _LocalStream:
         return self

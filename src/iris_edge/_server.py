@@ -22,6 +22,11 @@ core under this edge's lease; ``welcome`` is sent. Then three tasks run:
   does not read fills it; the connection is then closed with 4008 and its
   messages stay stored (at-least-once).
 
+The sender and the writer (and their queues) are made on first use: an idle
+connection holds only its reader, which keeps memory per connection low
+(tasks and channels are most of it). Token expiry is watched by one task for
+the whole edge (a heap of deadlines), not a task per connection.
+
 Delivery: a connection first *syncs*: it fetches the user's stored inbox and
 delivers it oldest first; live messages arriving meanwhile are buffered and
 delivered after, skipping mids already delivered on this connection. When
@@ -36,11 +41,14 @@ stop accepting, let queued sends finish, flush acks, close with 1001.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +71,7 @@ from iris_raft import (
     WriteBlocked,
 )
 from iris_raft._config import EdgeConfig
+from iris_raft._state import Event
 
 from ._auth import Claims, TokenError, TokenVerifier
 from ._core import CoreAccess, EventStream
@@ -99,6 +108,8 @@ CLOSE_TIMEOUT = 5.0
 #: Frames of any kind per connection per second (and burst) before ``rate_limited``.
 FRAME_RATE = 1000.0
 FRAME_BURST = 2000
+#: Core events handled per turn of the event loop when the stream holds more.
+EVENT_BATCH = 1000
 
 
 class TokenBucket:
@@ -131,24 +142,36 @@ class _Close(Exception):
         self.error = error
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Connection:
-    """One authenticated client connection."""
+    """One authenticated client connection.
+
+    The outgoing queue (and its writer task) and the send queue (and its
+    sender task) are made on first use (:meth:`EdgeServer._out`,
+    :meth:`EdgeServer._accept_send`), in ``nursery``, the connection's
+    nursery while it is open.
+    """
 
     session: str
     user: str
     claims: Claims | None
     ws: WebSocketConnection
-    out_send: trio.MemorySendChannel[tuple[str, bytes]]
-    out_recv: trio.MemoryReceiveChannel[tuple[str, bytes]]
-    sends_send: trio.MemorySendChannel[Send]
-    sends_recv: trio.MemoryReceiveChannel[Send]
-    delivered: set[str] = field(default_factory=set)
+    out_send: trio.MemorySendChannel[tuple[str, bytes]] | None = None
+    out_recv: trio.MemoryReceiveChannel[tuple[str, bytes]] | None = None
+    sends_send: trio.MemorySendChannel[Send] | None = None
+    sends_recv: trio.MemoryReceiveChannel[Send] | None = None
+    nursery: trio.Nursery | None = None
+    writer_started: bool = False
+    sender_started: bool = False
+    #: Mids delivered on this connection and not acked yet (made on first use).
+    delivered: set[str] | None = None
     buffered: list[StoredMessage] = field(default_factory=list)
     live: bool = False
     closing: _Close | None = None
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    expiry: trio.CancelScope | None = None
+    #: The cancel scope of ``nursery`` (None before it opens).
+    scope: trio.CancelScope | None = None
+    #: Bumped whenever the token changes: older expiry entries are stale.
+    expiry_generation: int = 0
     rate_violations: int = 0
     sync_generation: int = 0
     broken: bool = False  # a frame was cut: no clean close is possible
@@ -166,11 +189,24 @@ class Connection:
             return None
         return int(self.claims.iat * 1000)
 
+    def was_delivered(self, mid: str) -> bool:
+        return self.delivered is not None and mid in self.delivered
+
+    def mark_delivered(self, mid: str) -> None:
+        if self.delivered is None:
+            self.delivered = set()
+        self.delivered.add(mid)
+
+    def forget_delivered(self, mids: Iterable[str]) -> None:
+        if self.delivered:
+            self.delivered.difference_update(mids)
+
     def close(self, code: int, reason: str, error: ErrorCode | None = None) -> None:
         """Ask the connection's tasks to stop and close with ``code`` (first request wins)."""
         if self.closing is None:
             self.closing = _Close(code, reason, error)
-        self.scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +236,14 @@ class EdgeServer:
             else None
         )
         self.metrics = metrics or EdgeMetrics()
+        # Labelled counters looked up once: ``labels()`` costs more than ``inc()``.
+        self._frames_in = {
+            k: self.metrics.frames_in.labels(k) for k in ("auth", "send", "ack", "ping", "invalid")
+        }
+        self._frames_out = {
+            k: self.metrics.frames_out.labels(k)
+            for k in ("welcome", "sent", "msg", "pong", "error")
+        }
         self.connections: set[Connection] = set()
         self.by_user: dict[str, set[Connection]] = {}
         self.by_session: dict[str, Connection] = {}
@@ -207,6 +251,10 @@ class EdgeServer:
         self.buckets: dict[str, TokenBucket] = {}
         self._acks: dict[str, set[str]] = {}
         self._acks_ready = trio.Event()
+        # Token expiry: (trio deadline, tie-breaker, generation, session), a heap.
+        self._expiries: list[tuple[float, int, int, str]] = []
+        self._expiry_seq = itertools.count()
+        self._expiry_wake = trio.Event()
         self._events: EventStream | None = None
         self._nursery: trio.Nursery | None = None
         self._draining = False
@@ -233,6 +281,7 @@ class EdgeServer:
             nursery.start_soon(self._ack_loop)
             nursery.start_soon(self._lease_loop)
             nursery.start_soon(self._status_loop)
+            nursery.start_soon(self._expiry_loop)
             server = await nursery.start(
                 lambda task_status: serve_websocket(
                     self._handle,
@@ -256,9 +305,11 @@ class EdgeServer:
         self._draining = True
         with trio.move_on_after(timeout):
             for conn in list(self.connections):
-                conn.sends_send.close()
+                if conn.sends_send is not None:
+                    conn.sends_send.close()
             while self._inflight_sends or any(
-                conn.sends_recv.statistics().current_buffer_used for conn in self.connections
+                conn.sends_recv is not None and conn.sends_recv.statistics().current_buffer_used
+                for conn in self.connections
             ):
                 await trio.sleep(0.01)
             await self._flush_acks()
@@ -286,11 +337,13 @@ class EdgeServer:
             self.metrics.rejected.labels("capacity").inc()
             await request.reject(503, body=b"edge at capacity\n")
             return
-        header_token = _bearer(request.headers)
-        ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+        subprotocol = SUBPROTOCOL if offered else None
+        del offered
+        ws = await request.accept(subprotocol=subprotocol)
         self.metrics.handshakes.inc()
         try:
-            await self._serve_connection(ws, header_token)
+            # The token is not kept in this frame: _serve_connection drops it once checked.
+            await self._serve_connection(ws, _bearer(request.headers))
         except ConnectionClosed:
             pass
         except _Close as close:
@@ -303,7 +356,7 @@ class EdgeServer:
         if token is None:
             with trio.move_on_after(AUTH_TIMEOUT):
                 data = await ws.get_message()
-                self.metrics.frames_in.labels("auth").inc()
+                self._frames_in["auth"].inc()
                 frame = parse_message(data, max_frame=self.config.max_frame_bytes)
                 if isinstance(frame, CloseRequest):
                     raise _Close(frame.code, frame.reason)
@@ -338,6 +391,7 @@ class EdgeServer:
 
     async def _serve_connection(self, ws: WebSocketConnection, header_token: str | None) -> None:
         user, claims = await self._authenticate(ws, header_token)
+        header_token = None  # not kept for the connection's lifetime
         if claims is not None:
             try:
                 revoked = await self.core.is_revoked(user, claims.jti, _ms(claims.iat))
@@ -362,29 +416,30 @@ class EdgeServer:
             raise _Close(CloseCode.AUTH_FAILED, "token revoked", ErrorCode.TOKEN_REVOKED) from None
         except IrisError:
             raise _Close(CloseCode.GOING_AWAY, "core unavailable", ErrorCode.UNAVAILABLE) from None
-        out_send, out_recv = trio.open_memory_channel[tuple[str, bytes]](
-            self.config.max_queue_per_connection
-        )
-        sends_send, sends_recv = trio.open_memory_channel[Send](SEND_QUEUE)
-        conn = Connection(session, user, claims, ws, out_send, out_recv, sends_send, sends_recv)
+        conn = Connection(session, user, claims, ws)
         await self._register(conn)
         try:
             await ws.send_message(encode_welcome(user, session, self.edge_id))
-            self.metrics.frames_out.labels("welcome").inc()
-            with conn.scope:
+            self._frames_out["welcome"].inc()
+            try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, conn)
-                    nursery.start_soon(self._sender, conn)
+                    conn.nursery, conn.scope = nursery, nursery.cancel_scope
+                    if conn.closing is not None:  # closed before this point
+                        nursery.cancel_scope.cancel()
+                    if conn.out_send is not None:
+                        self._out(conn)  # frames queued before: start the writer
                     nursery.start_soon(self._sync, conn)
                     if claims is not None:
-                        nursery.start_soon(self._expiry_watch, conn)
+                        self._arm_expiry(conn)
                     await self._reader(conn)
                     nursery.cancel_scope.cancel()
+            finally:
+                conn.nursery = None
         finally:
             await self._unregister(conn)
         if conn.closing is not None:
             # Frames queued before the close (sent, pong, msg) still go out, briefly.
-            if conn.closing.code != CloseCode.POLICY:
+            if conn.closing.code != CloseCode.POLICY and conn.out_recv is not None:
                 with (
                     trio.move_on_after(1.0),
                     contextlib.suppress(ConnectionClosed, trio.WouldBlock),
@@ -446,7 +501,7 @@ class EdgeServer:
                 return
             frame = parse_message(data, max_frame=max_frame)
             if isinstance(frame, CloseRequest):
-                self.metrics.frames_in.labels("invalid").inc()
+                self._frames_in["invalid"].inc()
                 conn.close(frame.code, frame.reason)
                 return
             if not conn.frames.take(self._clock()):
@@ -454,20 +509,20 @@ class EdgeServer:
                 self._rate_violation(conn, None)
                 continue
             if isinstance(frame, FrameError):
-                self.metrics.frames_in.labels("invalid").inc()
+                self._frames_in["invalid"].inc()
                 self._error(conn, frame.code, frame.id, frame.message or None)
                 continue
             if isinstance(frame, Send):
-                self.metrics.frames_in.labels("send").inc()
+                self._frames_in["send"].inc()
                 self._accept_send(conn, frame)
             elif isinstance(frame, Ack):
-                self.metrics.frames_in.labels("ack").inc()
+                self._frames_in["ack"].inc()
                 self._queue_ack(conn, frame.mids)
             elif isinstance(frame, Ping):
-                self.metrics.frames_in.labels("ping").inc()
+                self._frames_in["ping"].inc()
                 self._enqueue(conn, "pong", encode_pong(frame.data, frame.has_data))
             elif isinstance(frame, Auth):
-                self.metrics.frames_in.labels("auth").inc()
+                self._frames_in["auth"].inc()
                 self._refresh(conn, frame)
             if conn.closing is not None:
                 return
@@ -483,6 +538,14 @@ class EdgeServer:
             self._rate_violation(conn, frame.id)
             return
         conn.rate_violations = 0
+        if conn.sends_send is None:
+            if self._draining:
+                self._error(conn, ErrorCode.UNAVAILABLE, frame.id, "server going away")
+                return
+            conn.sends_send, conn.sends_recv = trio.open_memory_channel[Send](SEND_QUEUE)
+        if not conn.sender_started and conn.nursery is not None:
+            conn.sender_started = True
+            conn.nursery.start_soon(self._sender, conn)
         try:
             conn.sends_send.send_nowait(frame)
         except trio.WouldBlock:
@@ -498,6 +561,7 @@ class EdgeServer:
             conn.close(CloseCode.POLICY, "rate limit exceeded repeatedly")
 
     async def _sender(self, conn: Connection) -> None:
+        assert conn.sends_recv is not None
         async for frame in conn.sends_recv:
             self._inflight_sends += 1
             started = time.perf_counter()
@@ -522,6 +586,7 @@ class EdgeServer:
                 self._inflight_sends -= 1
 
     async def _writer(self, conn: Connection) -> None:
+        assert conn.out_recv is not None
         async for _kind, data in conn.out_recv:
             # A frame is never cut in half by a close: the send is shielded,
             # bounded by WRITE_TIMEOUT, after which the connection is aborted.
@@ -537,19 +602,54 @@ class EdgeServer:
                 conn.close(CloseCode.POLICY, "client too slow: a frame could not be written")
                 return
 
-    async def _expiry_watch(self, conn: Connection) -> None:
+    def _arm_expiry(self, conn: Connection, min_delay: float = 0.0) -> None:
+        """Watch ``conn``'s token: close with 4002 once ``exp + leeway`` has passed."""
+        if conn.claims is None:
+            return
+        conn.expiry_generation += 1
+        delay = max(min_delay, conn.claims.exp + self.config.jwt_leeway - time.time())
+        entry = (
+            trio.current_time() + delay,
+            next(self._expiry_seq),
+            conn.expiry_generation,
+            conn.session,
+        )
+        heap = self._expiries
+        if len(heap) > 2 * len(self.connections) + 1024:
+            # Entries of closed connections and replaced tokens: drop them.
+            live = [
+                e
+                for e in heap
+                if (c := self.by_session.get(e[3])) is not None and c.expiry_generation == e[2]
+            ]
+            heapq.heapify(live)
+            self._expiries = heap = live
+        heapq.heappush(heap, entry)
+        if heap[0] is entry:
+            self._expiry_wake.set()
+
+    async def _expiry_loop(self) -> None:
+        """One task for every connection's token expiry (a heap of deadlines)."""
         while True:
-            assert conn.claims is not None
-            deadline = conn.claims.exp + self.config.jwt_leeway
-            conn.expiry = trio.CancelScope(
-                deadline=trio.current_time() + max(0.0, deadline - time.time())
-            )
-            with conn.expiry:
-                await trio.sleep_forever()
-            if conn.expiry.cancelled_caught and time.time() >= deadline:
-                self.metrics.closes.labels("token_expired").inc()
-                conn.close(CloseCode.TOKEN_EXPIRED, "token expired", ErrorCode.TOKEN_EXPIRED)
-                return
+            now = trio.current_time()
+            while self._expiries and self._expiries[0][0] <= now:
+                _when, _seq, generation, session = heapq.heappop(self._expiries)
+                conn = self.by_session.get(session)
+                if (
+                    conn is None
+                    or conn.expiry_generation != generation
+                    or conn.claims is None
+                    or conn.closing is not None
+                ):
+                    continue
+                if time.time() >= conn.claims.exp + self.config.jwt_leeway:
+                    self.metrics.closes.labels("token_expired").inc()
+                    conn.close(CloseCode.TOKEN_EXPIRED, "token expired", ErrorCode.TOKEN_EXPIRED)
+                else:  # the wall clock and trio's clock drifted apart: look again soon
+                    self._arm_expiry(conn, min_delay=0.01)
+            self._expiry_wake = wake = trio.Event()
+            with trio.move_on_at(self._expiries[0][0] if self._expiries else math.inf):
+                await wake.wait()
 
     def _refresh(self, conn: Connection, frame: Auth) -> None:
         if self.verifier is None or frame.token is None:
@@ -567,8 +667,7 @@ class EdgeServer:
             self.by_jti.get(conn.jti, set()).discard(conn)
         conn.claims = claims
         self.by_jti.setdefault(claims.jti, set()).add(conn)
-        if conn.expiry is not None:
-            conn.expiry.cancel()  # the watcher recomputes the deadline
+        self._arm_expiry(conn)  # the earlier deadline's entry is now stale
         if self._nursery is not None:
             self._nursery.start_soon(self._recheck_revoked, conn)
 
@@ -607,33 +706,46 @@ class EdgeServer:
         conn.live = True
 
     async def _deliver_waiting(self, conn: Connection, msg: StoredMessage) -> None:
-        if msg.mid in conn.delivered or conn.closing is not None:
+        if conn.was_delivered(msg.mid) or conn.closing is not None:
             return
-        conn.delivered.add(msg.mid)
+        conn.mark_delivered(msg.mid)
         self.metrics.delivery_latency.observe(max(0.0, time.time() - msg.ts / 1000))
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await conn.out_send.send(("msg", encode_msg(msg.mid, msg.sender, msg.body, msg.ts)))
-            self.metrics.frames_out.labels("msg").inc()
+            out = self._out(conn)
+            await out.send(("msg", encode_msg(msg.mid, msg.sender, msg.body, msg.ts)))
+            self._frames_out["msg"].inc()
 
     def _deliver(self, conn: Connection, msg: StoredMessage) -> None:
-        if msg.mid in conn.delivered:
+        if conn.was_delivered(msg.mid):
             return
-        conn.delivered.add(msg.mid)
+        conn.mark_delivered(msg.mid)
         self.metrics.delivery_latency.observe(max(0.0, time.time() - msg.ts / 1000))
         self._enqueue(conn, "msg", encode_msg(msg.mid, msg.sender, msg.body, msg.ts))
+
+    def _out(self, conn: Connection) -> trio.MemorySendChannel[tuple[str, bytes]]:
+        """The connection's outgoing queue; made, and its writer started, on first use."""
+        if conn.out_send is None:
+            conn.out_send, conn.out_recv = trio.open_memory_channel[tuple[str, bytes]](
+                self.config.max_queue_per_connection
+            )
+        if not conn.writer_started and conn.nursery is not None:
+            conn.writer_started = True
+            conn.nursery.start_soon(self._writer, conn)
+        return conn.out_send
 
     def _enqueue(self, conn: Connection, kind: str, data: bytes) -> None:
         if conn.closing is not None:
             return
         try:
-            conn.out_send.send_nowait((kind, data))
+            self._out(conn).send_nowait((kind, data))
         except trio.WouldBlock:
             self.metrics.closes.labels("slow_consumer").inc()
             conn.close(CloseCode.POLICY, "client too slow: outgoing queue full")
             return
         except trio.ClosedResourceError:
             return
-        self.metrics.frames_out.labels(kind).inc()
+        counter = self._frames_out.get(kind)
+        (counter if counter is not None else self.metrics.frames_out.labels(kind)).inc()
 
     def _error(
         self, conn: Connection, code: ErrorCode, id: str | None, message: str | None = None
@@ -644,7 +756,7 @@ class EdgeServer:
     def _queue_ack(self, conn: Connection, mids: tuple[str, ...]) -> None:
         if not mids:
             return
-        conn.delivered.difference_update(mids)
+        conn.forget_delivered(mids)
         self._acks.setdefault(conn.user, set()).update(mids)
         self._acks_ready.set()
 
@@ -674,29 +786,45 @@ class EdgeServer:
 
     async def _event_loop(self) -> None:
         assert self._events is not None
+        # A stream that can hand over what it already holds without waiting
+        # (``receive_nowait``: an event, or None) is drained a batch per turn:
+        # with hundreds of busy connection tasks, one event per scheduler turn
+        # lets deliveries fall behind the sends.
+        drain: Callable[[], Event | Resync | None] | None = getattr(
+            self._events, "receive_nowait", None
+        )
         async for event in self._events:
-            if isinstance(event, MessageEvent):
-                for conn in list(self.by_user.get(event.user, ())):
-                    if conn.live:
-                        self._deliver(conn, event.message)
-                    else:
-                        conn.buffered.append(event.message)
-            elif isinstance(event, AckEvent):
-                for conn in self.by_user.get(event.user, ()):
-                    conn.delivered.difference_update(event.mids)
-            elif isinstance(event, RevokeEvent):
-                self._apply_revocation(event)
-            elif isinstance(event, KickEvent):
-                kicked = self.by_session.get(event.session)
-                if kicked is not None:
-                    if event.reason == "token_revoked":
-                        self._revoke(kicked)
-                    else:
-                        kicked.close(
-                            CloseCode.POLICY, f"session closed by the cluster ({event.reason})"
-                        )
-            elif isinstance(event, Resync):
-                self._on_resync()
+            self._on_event(event)
+            if drain is not None:
+                for _ in range(EVENT_BATCH):
+                    more = drain()
+                    if more is None:
+                        break
+                    self._on_event(more)
+
+    def _on_event(self, event: Event | Resync) -> None:
+        if isinstance(event, MessageEvent):
+            for conn in list(self.by_user.get(event.user, ())):
+                if conn.live:
+                    self._deliver(conn, event.message)
+                else:
+                    conn.buffered.append(event.message)
+        elif isinstance(event, AckEvent):
+            for conn in self.by_user.get(event.user, ()):
+                conn.forget_delivered(event.mids)
+        elif isinstance(event, RevokeEvent):
+            self._apply_revocation(event)
+        elif isinstance(event, KickEvent):
+            kicked = self.by_session.get(event.session)
+            if kicked is not None:
+                if event.reason == "token_revoked":
+                    self._revoke(kicked)
+                else:
+                    kicked.close(
+                        CloseCode.POLICY, f"session closed by the cluster ({event.reason})"
+                    )
+        elif isinstance(event, Resync):
+            self._on_resync()
 
     def _on_resync(self) -> None:
         if self._nursery is None:
@@ -752,7 +880,11 @@ class EdgeServer:
             self.metrics.core_reachable.set(1 if self.core_reachable else 0)
             self.metrics.core_safe.set(1 if self.core_safe else 0)
             self.metrics.queued.set(
-                sum(c.out_recv.statistics().current_buffer_used for c in self.connections)
+                sum(
+                    c.out_recv.statistics().current_buffer_used
+                    for c in self.connections
+                    if c.out_recv is not None
+                )
             )
             await trio.sleep(1.0)
 

@@ -482,8 +482,14 @@ class RemoteSubscription:
                     async for push in pushes:
                         if push.get("lost"):
                             raise Unavailable("the core dropped this subscription (fell behind)")
+                        # No yield per event while the channel has room: with many
+                        # busy tasks each yield costs a whole scheduler turn.
                         for raw in push.get("events", ()):
-                            await self._send.send(event_from_wire(raw))
+                            ev = event_from_wire(raw)
+                            try:
+                                self._send.send_nowait(ev)
+                            except trio.WouldBlock:
+                                await self._send.send(ev)
                     raise Unavailable("subscription connection closed")
             except (IrisError, OSError) as exc:
                 last = exc
@@ -494,6 +500,14 @@ class RemoteSubscription:
 
     async def receive(self) -> Event | Resync:
         return await self._recv.receive()
+
+    def receive_nowait(self) -> Event | Resync | None:
+        """The next event if one is waiting, else None (also once closed:
+        :meth:`receive` then raises)."""
+        try:
+            return self._recv.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return None
 
     def close(self) -> None:
         self._cancel.cancel()

@@ -689,6 +689,10 @@ class _FrameWriter:
                 while not self._buffer:
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
+                # Let the tasks that are runnable now queue their frames first,
+                # so that one write carries all of them (one syscall for a whole
+                # batch of answers instead of one each).
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 data, self._buffer = self._buffer, bytearray()
                 self._drained.set()
                 self._drained = trio.Event()
@@ -807,8 +811,12 @@ class RpcServerConnection:
                     while (event := self._codec.next_event()) is not None:
                         if not isinstance(event, Request):  # pragma: no cover - codec checks
                             raise ProtocolError(f"unexpected {type(event).__name__}")
-                        # Backpressure: no more reading until a slot is free.
-                        await slots.acquire()
+                        # Backpressure: no more reading until a slot is free
+                        # (no yield per request while slots are free).
+                        try:
+                            slots.acquire_nowait()
+                        except trio.WouldBlock:
+                            await slots.acquire()
                         nursery.start_soon(self._run_request, handler, event, slots)
                     data = await self._stream.receive_some(_RECEIVE_SIZE)
                     if not data:
