@@ -131,6 +131,7 @@ class LocalCluster:
         secret: str | None = SECRET,
         proxies: bool = False,
         netns: bool = False,
+        netns_remote_loss: bool = False,
         edges: int = 0,
         cluster_options: dict[str, Any] | None = None,
         core_options: dict[str, Any] | None = None,
@@ -147,7 +148,9 @@ class LocalCluster:
         self.env_for: dict[int, dict[str, str]] = {}
         ports = allocate_ports(2 * nodes + edges, rng)
         self.cores: list[CoreProcess] = []
-        self.network: NetnsNetwork | None = NetnsNetwork(nodes) if netns else None
+        self.network: NetnsNetwork | None = (
+            NetnsNetwork(nodes, remote_loss=netns_remote_loss) if netns else None
+        )
         self.edges: list[EdgeProcess] = [
             EdgeProcess(
                 index=j,

@@ -56,13 +56,22 @@ def _run(*args: str) -> None:
 
 
 class NetnsNetwork:
-    """``count`` namespaces on one bridge; cut and heal links with iptables."""
+    """``count`` namespaces on one bridge; cut and heal links with iptables.
+
+    By default a cut drops packets on both INPUT and OUTPUT. An OUTPUT drop
+    fails the sender's transmission locally, and Linux then retries a SYN
+    every 0.5 s without backing off, so a connect made during the cut
+    succeeds soon after the heal. ``remote_loss=True`` drops only on INPUT:
+    every packet leaves and is lost on arrival, as on a real network, and
+    SYN retries back off exponentially (1, 3, 7, 15 s ...).
+    """
 
     RAFT_PORT = 7001
     RPC_PORT = 7101
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, remote_loss: bool = False) -> None:
         self.count = count
+        self.remote_loss = remote_loss
         self.tag = secrets.token_hex(2)
         self.net = 100 + int(self.tag, 16) % 150
         self.bridge = f"ijb{self.tag}"
@@ -102,7 +111,20 @@ class NetnsNetwork:
     def _drop(self, i: int, j: int) -> None:
         ns = self.namespace(i)
         _run("ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-s", self.ip(j), "-j", "DROP")
-        _run("ip", "netns", "exec", ns, "iptables", "-A", "OUTPUT", "-d", self.ip(j), "-j", "DROP")
+        if not self.remote_loss:
+            _run(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "iptables",
+                "-A",
+                "OUTPUT",
+                "-d",
+                self.ip(j),
+                "-j",
+                "DROP",
+            )
 
     def cut(self, a: str, b: str, mode: object = None) -> None:
         i, j = self._index(a), self._index(b)

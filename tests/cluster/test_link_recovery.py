@@ -1,12 +1,17 @@
-"""Raft links recover promptly after a partition that DROPs packets (netns + iptables).
+"""Raft links recover promptly after a partition that drops packets (netns + iptables).
 
-With packets silently dropped, an outgoing connect stays in SYN-SENT and
-PySyncObj keeps the link CONNECTING without a poll event until the kernel
-gives up (about two minutes); only the higher-addressed node of a pair ever
-dials. Without the transport's watchdog, a node isolated for ten seconds
-rejoins only at its next SYN retransmission (15 s or more after it began
-dialing) and meanwhile misses every append. Needs root for namespaces; the
-per-link proxies cannot show this because a proxy always accepts the connect.
+The partition drops packets on arrival only (``netns_remote_loss``), as a
+real network loses them, so a connect made during the cut stays in SYN-SENT
+with exponential retries. PySyncObj keeps such a link CONNECTING without a
+poll event, and only the higher-addressed node of a pair ever dials; the
+transport's watchdog resets a link silent for longer than the connection
+timeout. The node with the highest address is isolated for ten seconds and
+must have both Raft links back within a few seconds of the heal.
+
+Measured here: 0.4 s with the watchdog, 1.4 s without it (the link also
+comes back another way, not pinned down), so this checks the outcome rather
+than proving the watchdog necessary. Needs root for namespaces; the per-link
+proxies cannot show this because a proxy always accepts the connect.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ REJOIN_WITHIN = 4.0
 
 @pytest.mark.skipif(_WHY_NOT is not None, reason=f"network namespaces: {_WHY_NOT}")
 async def test_isolated_dialer_rejoins_after_heal(tmp_path: Path) -> None:
-    async with open_cluster(str(tmp_path), nodes=3, mode="cp", netns=True) as cluster:
+    async with open_cluster(
+        str(tmp_path), nodes=3, mode="cp", netns=True, netns_remote_loss=True
+    ) as cluster:
         # The node with the highest address dials both others: isolate it so
         # that every link it needs back is one it must dial itself.
         dialer = max(range(3), key=lambda i: cluster.cores[i].node)
