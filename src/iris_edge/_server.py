@@ -198,8 +198,20 @@ class Connection:
         self.delivered.add(mid)
 
     def forget_delivered(self, mids: Iterable[str]) -> None:
+        """The core applied an ack for ``mids``: stop tracking them.
+
+        Called for the core's ack *event*, not for the client's ack frame:
+        the event stream is in apply order, so every live copy of these
+        messages has already come through it (delivered, or buffered during
+        a sync, and dropped from the buffer here). Forgetting on the client's
+        frame would let a live copy that is still on its way be delivered a
+        second time on this connection.
+        """
+        gone = set(mids)
         if self.delivered:
-            self.delivered.difference_update(mids)
+            self.delivered.difference_update(gone)
+        if self.buffered:
+            self.buffered = [m for m in self.buffered if m.mid not in gone]
 
     def close(self, code: int, reason: str, error: ErrorCode | None = None) -> None:
         """Ask the connection's tasks to stop and close with ``code`` (first request wins)."""
@@ -756,7 +768,6 @@ class EdgeServer:
     def _queue_ack(self, conn: Connection, mids: tuple[str, ...]) -> None:
         if not mids:
             return
-        conn.forget_delivered(mids)
         self._acks.setdefault(conn.user, set()).update(mids)
         self._acks_ready.set()
 
