@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -207,3 +208,26 @@ def series(
         "values": {k: list(v) for k, v in (values or {}).items()},
         "logx": logx,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard one; return the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return int(soft if soft != resource.RLIM_INFINITY else target)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return int(target)
+    except (ValueError, OSError):
+        return int(soft)

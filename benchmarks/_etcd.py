@@ -76,7 +76,8 @@ def _host_port(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
+    """Base64 text, as etcd's JSON gateway wants keys and values."""
     return base64.b64encode(data).decode("ascii")
 
 
@@ -93,7 +94,7 @@ def http_request(endpoint: str, path: str, body: dict[str, Any]) -> bytes:
 
 def put_request(endpoint: str, key: bytes, value: bytes) -> bytes:
     """The bytes of one ``PUT key=value`` through the JSON gateway."""
-    return http_request(endpoint, "/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+    return http_request(endpoint, "/v3/kv/put", {"key": b64(key), "value": b64(value)})
 
 
 class EtcdError(Exception):

@@ -22,16 +22,6 @@ import trio
 from benchmarks._common import child_env, percentile, python_cmd
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_wait_seconds(pid: int) -> float:
     """Seconds the process's main thread has waited on a run queue (ready, but no CPU free)."""
     try:

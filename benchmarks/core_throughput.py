@@ -51,6 +51,7 @@ import trio
 from benchmarks._common import (
     Options,
     child_env,
+    cpu_seconds,
     figure,
     python_cmd,
     rss_kib,
@@ -96,17 +97,19 @@ PROFILE_NOTES = (
 )
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # -------------------------------------------------------------- generators
+
+
+def _load_args(
+    target: str, concurrency: int, gen: int, *, connections: bool = True, body: bool = True
+) -> list[str]:
+    """``benchmarks.coreload TARGET`` with the options every system shares."""
+    args = ["benchmarks.coreload", target, "--concurrency", str(concurrency), "--gen-id", str(gen)]
+    if connections:
+        args += ["--connections", str(min(4, concurrency))]
+    if body:
+        args += ["--body", str(BODY)]
+    return args
 
 
 @dataclass
@@ -208,13 +211,13 @@ async def run_generators(
                     assert proc.stdin is not None
                     await proc.stdin.send_all(f"{start}\n".encode())
                 await trio.sleep(max(0.0, start - time.time()))
-                cpu0 = [_cpu_seconds(pid) for pid in server_pids]
+                cpu0 = [cpu_seconds(pid) for pid in server_pids]
                 # The window ends after ``duration``, or earlier when every
                 # generator stopped (``--total`` reached).
                 with trio.move_on_after(max(0.0, start + duration - time.time())):
                     for proc in procs:
                         await proc.wait()
-                cpu1 = [_cpu_seconds(pid) for pid in server_pids]
+                cpu1 = [cpu_seconds(pid) for pid in server_pids]
                 for proc in procs:
                     await proc.wait()
     finally:
@@ -383,20 +386,7 @@ def _iris_system(cluster: Any, log_path: str) -> System:
 
     def argv(concurrency: int, gen: int) -> list[str]:
         return python_cmd(
-            "benchmarks.coreload",
-            "iris",
-            "--cores",
-            cores,
-            "--secret",
-            cluster.secret,
-            "--concurrency",
-            str(concurrency),
-            "--connections",
-            str(min(4, concurrency)),
-            "--body",
-            str(BODY),
-            "--gen-id",
-            str(gen),
+            *_load_args("iris", concurrency, gen), "--cores", cores, "--secret", cluster.secret
         )
 
     def pids() -> list[int]:
@@ -444,18 +434,7 @@ async def _generator_ceiling(opts: Options, work: str, concurrency: int) -> Load
 
         def argv(conc: int, gen: int) -> list[str]:
             return python_cmd(
-                "benchmarks.coreload",
-                "iris",
-                "--cores",
-                address,
-                "--secret",
-                SECRET,
-                "--concurrency",
-                str(conc),
-                "--connections",
-                str(min(4, conc)),
-                "--gen-id",
-                str(gen),
+                *_load_args("iris", conc, gen, body=False), "--cores", address, "--secret", SECRET
             )
 
         system = System("null-core", argv, lambda: [pid], log_path)
@@ -520,11 +499,9 @@ async def _measure_iris(opts: Options, work: str) -> tuple[Measured, Growth, Loa
         # The fixed cost of an idle core (Raft tick every 5 ms, heartbeats, guard).
         idle_s = opts.scaled(3.0, 1.0)
         await trio.sleep(0.5)
-        cpu0 = [_cpu_seconds(pid) for pid in system.pids()]
+        cpu0 = [cpu_seconds(pid) for pid in system.pids()]
         await trio.sleep(idle_s)
-        idle = [
-            (_cpu_seconds(pid) - c) / idle_s for pid, c in zip(system.pids(), cpu0, strict=True)
-        ]
+        idle = [(cpu_seconds(pid) - c) / idle_s for pid, c in zip(system.pids(), cpu0, strict=True)]
         measured = await measure(system, opts, sweep)
         measured.leader = leader
         measured.idle_cpu = idle
@@ -629,20 +606,7 @@ async def _measure_raw(opts: Options, work: str) -> Measured:
         endpoint = f"127.0.0.1:{cluster.ports[leader]}"
 
         def argv(concurrency: int, gen: int) -> list[str]:
-            return python_cmd(
-                "benchmarks.coreload",
-                "raw",
-                "--endpoints",
-                endpoint,
-                "--concurrency",
-                str(concurrency),
-                "--connections",
-                str(min(4, concurrency)),
-                "--body",
-                str(BODY),
-                "--gen-id",
-                str(gen),
-            )
+            return python_cmd(*_load_args("raw", concurrency, gen), "--endpoints", endpoint)
 
         system = System(
             "raw PySyncObj",
@@ -674,16 +638,7 @@ async def _measure_etcd(opts: Options, work: str) -> Measured:
 
         def argv(concurrency: int, gen: int) -> list[str]:
             return python_cmd(
-                "benchmarks.coreload",
-                "etcd",
-                "--endpoints",
-                endpoint,
-                "--concurrency",
-                str(concurrency),
-                "--body",
-                str(BODY),
-                "--gen-id",
-                str(gen),
+                *_load_args("etcd", concurrency, gen, connections=False), "--endpoints", endpoint
             )
 
         def pids() -> list[int]:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import signal
 import sys
+
+from benchmarks._common import raise_nofile
 
 SUBPROTOCOL = "iris.v1"
 #: The edge's ``serve_websocket`` settings (src/iris_edge/_server.py, ``EdgeServer.serve``).
@@ -31,19 +32,6 @@ MESSAGE_QUEUE_SIZE = 16
 MAX_MESSAGE_SIZE = 65536
 CONNECT_TIMEOUT = 10
 DISCONNECT_TIMEOUT = 5
-
-
-def raise_nofile() -> int:
-    """Raise the soft open-files limit to the hard one; return the soft limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return int(soft if soft != resource.RLIM_INFINITY else target)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return int(target)
-    except (ValueError, OSError):
-        return int(soft)
 
 
 def _ready(port: int, impl: str) -> None:

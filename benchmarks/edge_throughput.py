@@ -34,8 +34,8 @@ from typing import Any
 
 import trio
 
-from benchmarks._common import Options, figure, series, summarize
-from benchmarks._wsdriver import cpu_seconds, cpu_wait_seconds, open_echo_server, open_load
+from benchmarks._common import Options, cpu_seconds, figure, series, summarize
+from benchmarks._wsdriver import cpu_wait_seconds, open_echo_server, open_load
 
 #: Sender->recipient pairs (each a connection) in the edge runs.
 PAIRS = 128

@@ -49,7 +49,6 @@ linearizable range read through it returns a key.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -62,7 +61,7 @@ from typing import Any
 
 import trio
 
-from benchmarks._common import Options, figure, rss_kib, series, summarize
+from benchmarks._common import Options, cpu_seconds, figure, rss_kib, series, summarize
 
 SENDERS = 1000
 PER_INBOX = 100
@@ -113,16 +112,6 @@ def hwm_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def has_children(pid: int) -> bool:
@@ -532,16 +521,12 @@ async def iris_restarts(
 # ------------------------------------------------------------------------ etcd
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def etcd_key(i: int) -> bytes:
     return b"key-%010d" % i
 
 
 async def _etcd_load(endpoint: str, start: int, stop: int, tasks: int = 4) -> None:
-    from benchmarks._etcd import AsyncEtcdClient, http_request
+    from benchmarks._etcd import AsyncEtcdClient, b64, http_request
 
     chunks = iter(range(start, stop, ETCD_TXN_OPS))
 
@@ -549,7 +534,7 @@ async def _etcd_load(endpoint: str, start: int, stop: int, tasks: int = 4) -> No
         async with AsyncEtcdClient(endpoint, timeout=120) as client:
             for first in chunks:
                 ops = [
-                    {"requestPut": {"key": _b64(etcd_key(i)), "value": _b64(body_of(i))}}
+                    {"requestPut": {"key": b64(etcd_key(i)), "value": b64(body_of(i))}}
                     for i in range(first, min(stop, first + ETCD_TXN_OPS))
                 ]
                 await client.request(http_request(endpoint, "/v3/kv/txn", {"success": ops}))
@@ -575,10 +560,10 @@ async def _etcd_pad(endpoint: str, count: int, tasks: int = 32) -> None:
 
 
 async def _etcd_range(endpoint: str, key: bytes, timeout: float) -> bool:
-    from benchmarks._etcd import AsyncEtcdClient, http_request
+    from benchmarks._etcd import AsyncEtcdClient, b64, http_request
 
     async with AsyncEtcdClient(endpoint, timeout=timeout) as client:
-        body = await client.request(http_request(endpoint, "/v3/kv/range", {"key": _b64(key)}))
+        body = await client.request(http_request(endpoint, "/v3/kv/range", {"key": b64(key)}))
     return bool(json.loads(body).get("kvs"))
 
 

@@ -58,13 +58,14 @@ import contextlib
 import json
 import os
 import random
-import resource
 import sys
 import time
 from typing import Any
 
 import cbor2
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from benchmarks._common import raise_nofile
 
 SUBPROTOCOL = "iris.v1"
 #: How often recipients ack what they got (docs/protocol.md suggests batching every 100 ms).
@@ -76,16 +77,6 @@ CLOSE = WSMsgType.CLOSE
 monotonic = time.monotonic
 dumps = cbor2.dumps
 loads = cbor2.loads
-
-
-def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return int(soft)
 
 
 class Stats:

@@ -415,16 +415,7 @@ def late_after_crash(history: History) -> set[str]:
     acknowledged within ``DRAIN_WINDOW`` seconds before a kill is allowed to
     be late (counted as ``late``, not as reordered); nothing else is.
     """
-    kills = [start for start, _end, name in history.fault_windows() if str(name).startswith("kill")]
-    late: set[str] = set()
-    for inv, done in history.pairs():
-        if inv.f != "send" or done is None or done.type != "ok":
-            continue
-        if any(k - DRAIN_WINDOW <= done.time <= k for k in kills):
-            mid = done.extra.get("mid") if isinstance(done.extra, dict) else None
-            if mid:
-                late.add(mid)
-    return late
+    return _acked_near(history, ("kill",), before=DRAIN_WINDOW, after=0.0)
 
 
 #: Faults that cut a core off (from the other cores, and from some clients)
@@ -450,16 +441,22 @@ def late_after_cut(history: History) -> set[str]:
     exception"). The checker allows that only when the overtaking message
     came from a different process (connection).
     """
-    cuts = [
-        start
-        for start, _end, name in history.fault_windows()
-        if any(str(name).startswith(kind) for kind in _CUT_OFF_FAULTS)
+    return _acked_near(history, _CUT_OFF_FAULTS, before=DRAIN_WINDOW, after=GUARD_WINDOW)
+
+
+def _acked_near(
+    history: History, faults: tuple[str, ...], *, before: float, after: float
+) -> set[str]:
+    """Mids of sends acknowledged from ``before`` s ahead of the start of a
+    fault named ``faults*`` until ``after`` s past it."""
+    starts = [
+        start for start, _end, name in history.fault_windows() if str(name).startswith(faults)
     ]
     late: set[str] = set()
     for inv, done in history.pairs():
         if inv.f != "send" or done is None or done.type != "ok":
             continue
-        if any(c - DRAIN_WINDOW <= done.time <= c + GUARD_WINDOW for c in cuts):
+        if any(t - before <= done.time <= t + after for t in starts):
             mid = done.extra.get("mid") if isinstance(done.extra, dict) else None
             if mid:
                 late.add(mid)
