@@ -641,7 +641,7 @@ class Node:
         learn that another core's acknowledged (hardened_ap) writes have
         reached the log before they send more for the same sender elsewhere.
         """
-        found: list[bool] = self._raft.read_state(lambda s: [op in s.dedup for op in op_ids])
+        found: list[bool] = self._raft.read_state(lambda s: [s.seen(op) for op in op_ids])
         return found
 
     def undrained_senders(self) -> dict[str, str]:
@@ -674,7 +674,7 @@ class Node:
         def room(s: IrisState) -> bool:
             box = s.inboxes.get(recipient)
             # Undrained sends already applied are in the inbox: count them once.
-            queued = sum(1 for op_id in pending if op_id not in s.dedup)
+            queued = sum(1 for op_id in pending if not s.seen(op_id))
             count = (len(box) if box else 0) + queued
             used = s.inbox_bytes.get(recipient, 0)
             return count < lim.max_inbox_messages and used + size <= lim.max_inbox_bytes

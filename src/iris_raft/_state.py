@@ -25,12 +25,41 @@ Invariants that keep replicas identical and the process alive:
 
 The snapshot (``to_snapshot``/``from_snapshot``) holds every table, the dedup
 table included, so a restarted node deduplicates exactly as before.
+
+Memory layout
+-------------
+A core holds every stored message and, for a day, every operation id, so the
+per-entry cost decides how many a core can hold (and how long a restart and a
+garbage-collector pass take). The tables are therefore packed:
+
+* An inbox is a dict ``mid -> record``; the record is one ``bytes``
+  (``ts``, ``expires``, the sender, the body; see :func:`pack_message`), so a
+  stored message is two objects (the mid and the record), neither of them
+  tracked by the cyclic garbage collector.
+* Message expiry keeps one heap entry per *inbox*, not per message
+  (``_expiry`` holds ``(time, user)``, ``_armed`` the earliest time armed for
+  each user). When it fires, the inbox's oldest messages go while they are
+  expired. Messages of an inbox expire in the order they were stored unless
+  the TTL was lowered meanwhile; such an inbox is marked in ``_unsorted`` and
+  scanned whole when it fires, so expiry stays exact.
+* Sends are deduplicated under their mid-to-be, ``mid_for(op_id)`` (a
+  104-bit hash of the op id), in ``sent``; that string is the same object as
+  the inbox key, and the remembered result is just the ``ts`` when the stored
+  mid is that hash. Other operations stay under their op id in ``dedup``.
+  Both dicts are consulted for every operation, so an op id is remembered
+  once whatever kind of operation reuses it.
+* Dedup entries expire in groups: one heap entry per applied batch
+  (``_dedup_groups``: ``(expires, batch, op ids, mids)``).
+
+Snapshots from before this layout (``format`` absent) are converted on load.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -59,9 +88,13 @@ from ._ops import (
 logger = logging.getLogger("iris_raft.state")
 
 # Fixed per-entry overheads used by the size estimate (CPython object sizes,
-# rounded). The estimate is deterministic: it depends only on the contents.
-_MSG_OVERHEAD = 260
-_DEDUP_OVERHEAD = 180
+# rounded up, for the packed layout of the module docstring). The estimate is
+# deterministic: it depends only on the contents.
+_MSG_OVERHEAD = 150
+_DEDUP_OVERHEAD = 110
+#: A send's dedup entry: a dict slot, the ts and its group reference, plus the
+#: mid string once the message itself is gone.
+_SENT_OVERHEAD = 130
 _SESSION_OVERHEAD = 400
 _REVOCATION_OVERHEAD = 150
 _REGISTER_OVERHEAD = 150
@@ -75,6 +108,36 @@ class StoredMessage(NamedTuple):
     body: bytes
     ts: int
     expires: int
+
+
+#: Layout of a stored message's record: ts, expires (ms), sender length; then
+#: the sender (UTF-8) and the body.
+_RECORD = struct.Struct("<qqI")
+_RECORD_SIZE = _RECORD.size
+_EXPIRES = struct.Struct("<q")
+_EXPIRES_AT = 8
+
+#: Version of the table layout in snapshots (absent: the unpacked layout).
+STATE_FORMAT = 2
+
+
+def pack_message(sender: str, body: bytes, ts: int, expires: int) -> bytes:
+    """One stored message's record (everything but its mid, which is the key)."""
+    raw_sender = sender.encode("utf-8", "surrogatepass")
+    return _RECORD.pack(ts, expires, len(raw_sender)) + raw_sender + body
+
+
+def unpack_message(mid: str, record: bytes) -> StoredMessage:
+    """The :class:`StoredMessage` held in ``record``."""
+    ts, expires, n = _RECORD.unpack_from(record)
+    end = _RECORD_SIZE + n
+    sender = record[_RECORD_SIZE:end].decode("utf-8", "surrogatepass")
+    return StoredMessage(mid, sender, record[end:], ts, expires)
+
+
+def _expires_of(record: bytes) -> int:
+    value: int = _EXPIRES.unpack_from(record, _EXPIRES_AT)[0]
+    return value
 
 
 class Session(NamedTuple):
@@ -157,18 +220,27 @@ class IrisState:
     def __init__(self) -> None:
         self.now_ms = 0
         self.applied_batches = 0
-        self.inboxes: dict[str, dict[str, StoredMessage]] = {}
+        self.format = STATE_FORMAT
+        self.inboxes: dict[str, dict[str, bytes]] = {}  # user -> mid -> record
         self.inbox_bytes: dict[str, int] = {}
         self.message_count = 0
-        self._expiry: list[tuple[int, str, str]] = []  # (expires, user, mid)
+        self._expiry: list[tuple[int, str]] = []  # (time, user), one per inbox
+        self._armed: dict[str, int] = {}  # user -> earliest time in _expiry
+        self._unsorted: set[str] = set()  # inboxes not in expiry order
         self.sessions: dict[str, Session] = {}
         self.sessions_by_edge: dict[str, set[str]] = {}
         self.leases: dict[str, int] = {}
         self.revoked_jti: dict[str, int] = {}
         self.revoked_users: dict[str, tuple[int, int]] = {}  # user -> (before, until)
         self._revocation_expiry: list[tuple[int, int, str]] = []  # (until, kind, key)
-        self.dedup: dict[str, tuple[int, Any]] = {}  # op_id -> (expires, result value)
-        self._dedup_expiry: list[tuple[int, str]] = []
+        self.dedup: dict[str, Any] = {}  # op_id -> result value (not sends)
+        self.sent: dict[str, Any] = {}  # mid_for(op_id) -> ts, or (mid, ts)
+        # (expires, batch number, op ids, send keys), one per batch that remembered any.
+        self._dedup_groups: list[tuple[int, int, list[str], list[str]]] = []
+        self._open_group: tuple[int, int, list[str], list[str]] | None = None
+        # One int object per distinct send ts within a batch (sends of a batch
+        # mostly share a few milliseconds): dedup entries then share them.
+        self._ts_pool: dict[int, int] = {}
         self.registers: dict[str, Any] = {}
         self.members: dict[str, str] = {}  # Raft address -> RPC address
         self.state_bytes = 0
@@ -187,6 +259,8 @@ class IrisState:
             logger.exception("could not decode a batch")
             return [], events
         self.applied_batches += 1
+        self._open_group = None
+        self._ts_pool = {}
         if now_ms > self.now_ms:
             self.now_ms = now_ms
         try:
@@ -208,9 +282,13 @@ class IrisState:
     def _apply_op(self, op: Op, limits: Limits, events: list[Event]) -> Result:
         if isinstance(op, Barrier):
             return OK_NONE
-        seen = self.dedup.get(op.op_id)
-        if seen is not None:
-            return (True, seen[1], "duplicate")
+        key = ""
+        if op.op_id:
+            key = mid_for(op.op_id)
+            if key in self.sent:
+                return (True, self._sent_value(key), "duplicate")
+            if op.op_id in self.dedup:
+                return (True, self.dedup[op.op_id], "duplicate")
         if isinstance(op, Send):
             result = self._send(op, limits, events)
         elif isinstance(op, Ack):
@@ -238,14 +316,37 @@ class IrisState:
         else:  # pragma: no cover - op_from_wire only builds known types
             return _err("bad_request", f"unsupported operation {type(op).__name__}")
         if result[0] and op.op_id:
-            self._remember(op.op_id, result[1], limits)
+            group = self._group(limits)
+            if isinstance(op, Send):
+                mid, ts = result[1]
+                ts = self._ts_pool.setdefault(ts, ts)
+                if mid == key:
+                    key = mid  # one string for the inbox key and the dedup key
+                    self.sent[key] = ts
+                else:
+                    self.sent[key] = (mid, ts)
+                group[3].append(key)
+                self.state_bytes += _SENT_OVERHEAD
+            else:
+                self.dedup[op.op_id] = result[1]
+                group[2].append(op.op_id)
+                self.state_bytes += _DEDUP_OVERHEAD + len(op.op_id)
         return result
 
-    def _remember(self, op_id: str, value: Any, limits: Limits) -> None:
-        expires = self.now_ms + limits.dedup_window_ms
-        self.dedup[op_id] = (expires, value)
-        heapq.heappush(self._dedup_expiry, (expires, op_id))
-        self.state_bytes += _DEDUP_OVERHEAD + len(op_id)
+    def _group(self, limits: Limits) -> tuple[int, int, list[str], list[str]]:
+        """This batch's dedup group (every entry of a batch expires together)."""
+        group = self._open_group
+        if group is None:
+            expires = self.now_ms + limits.dedup_window_ms
+            group = self._open_group = (expires, self.applied_batches, [], [])
+            heapq.heappush(self._dedup_groups, group)
+        return group
+
+    def _sent_value(self, key: str) -> tuple[str, int]:
+        value = self.sent[key]
+        if isinstance(value, tuple):
+            return value
+        return (key, value)
 
     # ------------------------------------------------------------ operations
 
@@ -267,34 +368,50 @@ class IrisState:
             if mid in inbox:
                 return _err("bad_request", f"message id {mid!r} already stored")
         expires = self.now_ms + limits.message_ttl_ms
-        msg = StoredMessage(mid, op.sender, op.body, op.ts, expires)
-        inbox[mid] = msg
-        self.inbox_bytes[op.recipient] = size + len(op.body)
+        # Packed before anything changes: a value that does not fit fails the op alone.
+        record = pack_message(op.sender, op.body, op.ts, expires)
+        recipient = op.recipient
+        if (
+            inbox
+            and recipient not in self._unsorted
+            and expires < _expires_of(inbox[next(reversed(inbox))])
+        ):
+            self._unsorted.add(recipient)  # the TTL was lowered
+        inbox[mid] = record
+        self.inbox_bytes[recipient] = size + len(op.body)
         self.message_count += 1
-        self.state_bytes += self._message_cost(msg)
-        heapq.heappush(self._expiry, (expires, op.recipient, mid))
-        events.append(MessageEvent(op.recipient, msg))
+        self.state_bytes += self._message_cost(mid, record)
+        armed = self._armed.get(recipient)
+        if armed is None or expires < armed:
+            self._armed[recipient] = expires
+            heapq.heappush(self._expiry, (expires, recipient))
+        events.append(
+            MessageEvent(recipient, StoredMessage(mid, op.sender, op.body, op.ts, expires))
+        )
         return (True, (mid, op.ts))
 
     @staticmethod
-    def _message_cost(msg: StoredMessage) -> int:
-        return _MSG_OVERHEAD + len(msg.body) + len(msg.mid) + len(msg.sender)
+    def _message_cost(mid: str, record: bytes) -> int:
+        # = overhead + body + mid + sender, as documented (the sender in bytes).
+        return _MSG_OVERHEAD + len(record) - _RECORD_SIZE + len(mid)
 
     def _drop_message(self, user: str, mid: str) -> bool:
         inbox = self.inboxes.get(user)
         if inbox is None:
             return False
-        msg = inbox.pop(mid, None)
-        if msg is None:
+        record = inbox.pop(mid, None)
+        if record is None:
             return False
         self.message_count -= 1
-        self.state_bytes -= self._message_cost(msg)
-        left = self.inbox_bytes[user] - len(msg.body)
+        self.state_bytes -= self._message_cost(mid, record)
+        n = _RECORD.unpack_from(record)[2]
+        left = self.inbox_bytes[user] - (len(record) - _RECORD_SIZE - n)
         if inbox:
             self.inbox_bytes[user] = left
         else:
             del self.inboxes[user]
             del self.inbox_bytes[user]
+            self._unsorted.discard(user)
         return True
 
     def _ack(self, op: Ack, events: list[Event]) -> Result:
@@ -389,19 +506,21 @@ class IrisState:
         now = self.now_ms
         heap = self._expiry
         while heap and heap[0][0] <= now:
-            _, user, mid = heapq.heappop(heap)
-            box = self.inboxes.get(user)
-            msg = box.get(mid) if box is not None else None
-            # The heap entry may be stale: the mid was acked and stored again later.
-            if msg is not None and msg.expires <= now:
-                self._drop_message(user, mid)
-        dheap = self._dedup_expiry
+            when, user = heapq.heappop(heap)
+            if self._armed.get(user) != when:
+                continue  # superseded by an earlier entry, which re-armed
+            del self._armed[user]
+            self._expire_inbox(user, now)
+        dheap = self._dedup_groups
         while dheap and dheap[0][0] <= now:
-            _, op_id = heapq.heappop(dheap)
-            entry = self.dedup.get(op_id)
-            if entry is not None and entry[0] <= now:
+            _, _, op_ids, keys = heapq.heappop(dheap)
+            # An entry leaves only here, so each one is still in its group's table.
+            for op_id in op_ids:
                 del self.dedup[op_id]
                 self.state_bytes -= _DEDUP_OVERHEAD + len(op_id)
+            for key in keys:
+                del self.sent[key]
+            self.state_bytes -= _SENT_OVERHEAD * len(keys)
         rheap = self._revocation_expiry
         while rheap and rheap[0][0] <= now:
             _, kind, key = heapq.heappop(rheap)
@@ -423,6 +542,29 @@ class IrisState:
                     if session is not None:
                         events.append(KickEvent(sid, session.user, edge, "lease_expired"))
 
+    def _expire_inbox(self, user: str, now: int) -> None:
+        """Drop the expired messages of ``user`` and arm the next expiry of the inbox."""
+        box = self.inboxes.get(user)
+        if box is None:
+            return
+        if user in self._unsorted:
+            for mid in [m for m, rec in box.items() if _expires_of(rec) <= now]:
+                self._drop_message(user, mid)
+            box = self.inboxes.get(user)
+            nxt = min(map(_expires_of, box.values())) if box else None
+        else:
+            nxt = None
+            while box:
+                mid = next(iter(box))
+                expires = _expires_of(box[mid])
+                if expires > now:
+                    nxt = expires
+                    break
+                self._drop_message(user, mid)  # the last one deletes the inbox: loop ends
+        if nxt is not None:
+            self._armed[user] = nxt
+            heapq.heappush(self._expiry, (nxt, user))
+
     # ----------------------------------------------------------------- reads
 
     def inbox(self, user: str, limit: int | None = None) -> list[StoredMessage]:
@@ -430,8 +572,17 @@ class IrisState:
         box = self.inboxes.get(user)
         if not box:
             return []
-        msgs = list(box.values())
-        return msgs if limit is None else msgs[:limit]
+        items = box.items() if limit is None else itertools.islice(box.items(), max(0, limit))
+        return [unpack_message(mid, rec) for mid, rec in items]
+
+    def has_message(self, user: str, mid: str) -> bool:
+        """Whether ``user``'s inbox holds ``mid``."""
+        box = self.inboxes.get(user)
+        return box is not None and mid in box
+
+    def seen(self, op_id: str) -> bool:
+        """Whether ``op_id`` was applied within the dedup window."""
+        return bool(op_id) and (op_id in self.dedup or mid_for(op_id) in self.sent)
 
     def is_revoked(self, user: str, jti: str, issued_at_ms: int | None) -> bool:
         """True if the token ``jti`` of ``user`` (issued at ``issued_at_ms``) is revoked."""
@@ -444,8 +595,12 @@ class IrisState:
 
     def dedup_result(self, op_id: str) -> Any:
         """The remembered result of ``op_id``, or None."""
-        entry = self.dedup.get(op_id)
-        return None if entry is None else entry[1]
+        if not op_id:
+            return None
+        key = mid_for(op_id)
+        if key in self.sent:
+            return self._sent_value(key)
+        return self.dedup.get(op_id)
 
     def statistics(self) -> dict[str, int]:
         """Counters for status and metrics."""
@@ -458,7 +613,7 @@ class IrisState:
             "leases": len(self.leases),
             "revoked_tokens": len(self.revoked_jti),
             "revoked_users": len(self.revoked_users),
-            "dedup_entries": len(self.dedup),
+            "dedup_entries": len(self.dedup) + len(self.sent),
             "registers": len(self.registers),
             "state_bytes": self.state_bytes,
         }
@@ -467,11 +622,18 @@ class IrisState:
 
     def to_snapshot(self) -> dict[str, Any]:
         """Every table, by reference (the caller pickles it in a forked child)."""
-        return dict(self.__dict__)
+        tables = dict(self.__dict__)
+        tables["_open_group"] = None  # these two matter only while a batch is applied
+        tables["_ts_pool"] = {}
+        return tables
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> IrisState:
-        """Rebuild a state from :meth:`to_snapshot` output."""
+        """Rebuild a state from :meth:`to_snapshot` output (any format so far)."""
+        if "format" not in data:
+            data = _from_format_1(data)
+        elif data["format"] != STATE_FORMAT:
+            raise ValueError(f"snapshot has table format {data['format']!r}, not {STATE_FORMAT}")
         state = cls()
         unknown = set(data) - set(state.__dict__)
         if unknown:
@@ -483,16 +645,79 @@ class IrisState:
         """A comparable summary of the replicated content (for tests and checks)."""
         return (
             self.now_ms,
-            {u: list(box.values()) for u, box in self.inboxes.items()},
+            {u: self.inbox(u) for u in self.inboxes},
             dict(self.sessions),
             dict(self.leases),
             dict(self.revoked_jti),
             dict(self.revoked_users),
-            {k: v[1] for k, v in self.dedup.items()},
+            dict(self.dedup),
+            dict(self.sent),
             dict(self.registers),
             dict(self.members),
             self.state_bytes,
         )
+
+
+def _from_format_1(old: dict[str, Any]) -> dict[str, Any]:
+    """Convert the tables of a snapshot written before the packed layout."""
+    data = dict(old)
+    inboxes: dict[str, dict[str, bytes]] = {}
+    armed: dict[str, int] = {}
+    unsorted: set[str] = set()
+    for user, box in data.pop("inboxes", {}).items():
+        packed: dict[str, bytes] = {}
+        last = None
+        for mid, m in box.items():
+            packed[mid] = pack_message(m.sender, m.body, m.ts, m.expires)
+            if last is not None and m.expires < last:
+                unsorted.add(user)
+            last = m.expires
+            armed[user] = min(m.expires, armed.get(user, m.expires))
+        inboxes[user] = packed
+    data["inboxes"] = inboxes
+    data["_armed"] = armed
+    data["_unsorted"] = unsorted
+    data["_expiry"] = [(when, user) for user, when in armed.items()]
+    heapq.heapify(data["_expiry"])
+    dedup: dict[str, Any] = {}
+    sent: dict[str, Any] = {}
+    groups: dict[int, tuple[int, int, list[str], list[str]]] = {}
+    state_bytes = data.get("state_bytes", 0)
+    for op_id, (expires, value) in data.pop("dedup", {}).items():
+        group = groups.setdefault(expires, (expires, -len(groups) - 1, [], []))
+        state_bytes -= _V1_DEDUP_OVERHEAD + len(op_id)
+        if isinstance(value, tuple) and len(value) == 2 and op_id.startswith("send:"):
+            key = mid_for(op_id)
+            sent[key] = value[1] if value[0] == key else value
+            group[3].append(key)
+            state_bytes += _SENT_OVERHEAD
+        else:
+            dedup[op_id] = value
+            group[2].append(op_id)
+            state_bytes += _DEDUP_OVERHEAD + len(op_id)
+    data.pop("_dedup_expiry", None)
+    data["dedup"] = dedup
+    data["sent"] = sent
+    data["_dedup_groups"] = list(groups.values())
+    heapq.heapify(data["_dedup_groups"])
+    for box in inboxes.values():
+        for mid, rec in box.items():
+            m = unpack_message(mid, rec)
+            state_bytes += (
+                (_MSG_OVERHEAD - _V1_MSG_OVERHEAD)
+                + len(m.sender.encode("utf-8", "surrogatepass"))
+                - len(m.sender)
+            )
+    data["state_bytes"] = state_bytes
+    data["format"] = STATE_FORMAT
+    data["_open_group"] = None
+    data["_ts_pool"] = {}
+    return data
+
+
+# The size estimate's overheads in format 1 (to convert its state_bytes).
+_V1_MSG_OVERHEAD = 260
+_V1_DEDUP_OVERHEAD = 180
 
 
 def users_of(events: Iterable[Event]) -> set[str]:

@@ -50,6 +50,7 @@ from iris_raft._state import (
     _MSG_OVERHEAD,
     _REGISTER_OVERHEAD,
     _REVOCATION_OVERHEAD,
+    _SENT_OVERHEAD,
     _SESSION_OVERHEAD,
     DEFAULT_LEASE_MS,
     AckEvent,
@@ -145,6 +146,8 @@ class Model:
     revoked_jti: dict[str, int] = field(default_factory=dict)
     revoked_users: dict[str, tuple[int, int]] = field(default_factory=dict)
     dedup: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    #: Op ids in ``dedup`` remembered by a send (their size estimate differs).
+    sent_ids: set[str] = field(default_factory=set)
     registers: dict[str, Any] = field(default_factory=dict)
     members: dict[str, str] = field(default_factory=dict)
     #: (user, mid) pairs ever stored, and ever acked: the generator stores some again.
@@ -199,6 +202,10 @@ class Model:
         self.notes.add(f"{type(op).__name__} -> {result[1] if not result[0] else 'ok'}")
         if result[0] and op.op_id:
             self.dedup[op.op_id] = (self.now + limits.dedup_window_ms, result[1])
+            if isinstance(op, Send):
+                self.sent_ids.add(op.op_id)
+            else:
+                self.sent_ids.discard(op.op_id)
         return result
 
     def _effect(self, op: Op, limits: Limits, events: list[Event]) -> Any:
@@ -298,8 +305,12 @@ class Model:
         """The documented size estimate, recomputed from the model's contents."""
         total = 0
         for box in self.inboxes.values():
-            total += sum(_MSG_OVERHEAD + len(m.body) + len(m.mid) + len(m.sender) for m in box)
-        total += sum(_DEDUP_OVERHEAD + len(k) for k in self.dedup)
+            total += sum(
+                _MSG_OVERHEAD + len(m.body) + len(m.mid) + len(m.sender.encode()) for m in box
+            )
+        total += sum(
+            _SENT_OVERHEAD if k in self.sent_ids else _DEDUP_OVERHEAD + len(k) for k in self.dedup
+        )
         total += sum(
             _SESSION_OVERHEAD + len(sid) + len(s.user) + len(s.jti)
             for sid, s in self.sessions.items()
@@ -544,10 +555,10 @@ class IrisStateVsModel(RuleBasedStateMachine):
         assert state.leases == model.leases
         assert state.revoked_jti == model.revoked_jti
         assert state.revoked_users == model.revoked_users
-        assert {k: v[1] for k, v in state.dedup.items()} == {
-            k: v[1] for k, v in model.dedup.items()
-        }
+        assert state.statistics()["dedup_entries"] == len(model.dedup)
+        assert len(state.sent) == len(model.sent_ids & set(model.dedup))
         for op_id, (_, value) in model.dedup.items():
+            assert state.seen(op_id)
             assert repr(state.dedup_result(op_id)) == repr(value)
         assert cbor2.dumps(state.registers, canonical=True) == cbor2.dumps(
             model.registers, canonical=True
@@ -1154,7 +1165,7 @@ def test_mid_stored_again_after_ack_keeps_its_own_ttl() -> None:
     assert [m.body for m in state.inbox("bob")] == [b"y"]
     apply(state, 150, limits=lim)
     assert state.inbox("bob") == []
-    assert state.state_bytes == sum(_DEDUP_OVERHEAD + len(o) for o in ("o1", "a1", "o2"))
+    assert state.state_bytes == 2 * _SENT_OVERHEAD + _DEDUP_OVERHEAD + len("a1")
 
 
 def test_mid_stored_again_with_a_shorter_ttl_expires_on_time() -> None:
@@ -1206,3 +1217,121 @@ def test_a_live_lease_is_not_changed_by_opening_a_session() -> None:
     assert state.leases == {"e1": 100}
     _, events = apply(state, 100)
     assert events == [KickEvent("s1", "bob", "e1", "lease_expired")]
+
+
+# ===================================================== packed layout, format 1
+
+
+def to_format_1(state: IrisState) -> dict[str, Any]:
+    """The tables ``state`` would have had in the unpacked layout (snapshot format 1)."""
+    v1_msg, v1_dedup = 260, 180
+    tables = dict(state.to_snapshot())
+    for name in (
+        "format",
+        "_armed",
+        "_unsorted",
+        "sent",
+        "_dedup_groups",
+        "_open_group",
+        "_ts_pool",
+    ):
+        del tables[name]
+    size = state.state_bytes
+    inboxes: dict[str, dict[str, StoredMessage]] = {}
+    expiry: list[tuple[int, str, str]] = []
+    for user in state.inboxes:
+        inboxes[user] = {m.mid: m for m in state.inbox(user)}
+        for m in inboxes[user].values():
+            expiry.append((m.expires, user, m.mid))
+            size += (v1_msg - _MSG_OVERHEAD) + len(m.sender) - len(m.sender.encode())
+    dedup: dict[str, tuple[int, Any]] = {}
+    for expires, _, op_ids, keys in state._dedup_groups:
+        for op_id in op_ids:
+            dedup[op_id] = (expires, state.dedup[op_id])
+            size += v1_dedup - _DEDUP_OVERHEAD
+        for key in keys:
+            op_id = SEND_IDS[key]
+            dedup[op_id] = (expires, state.dedup_result(op_id))
+            size += v1_dedup + len(op_id) - _SENT_OVERHEAD
+    tables.update(
+        inboxes=inboxes,
+        _expiry=sorted(expiry),
+        dedup=dedup,
+        _dedup_expiry=sorted((e, k) for k, (e, _) in dedup.items()),
+        state_bytes=size,
+    )
+    return tables
+
+
+SEND_IDS = {
+    mid_for(op_id): op_id
+    for op_id in [send_op_id("alice", str(i)) for i in range(20)] + [send_op_id("\u00e9lise", "7")]
+}
+
+
+def test_a_format_1_snapshot_is_converted_on_load() -> None:
+    state = IrisState()
+    lim = Limits(100, 1 << 20, message_ttl_ms=1_000, dedup_window_ms=500)
+    ops: list[Op] = []
+    for i in range(6):
+        op_id = send_op_id("alice", str(i))
+        mid = mid_for(op_id) if i != 3 else "custom-mid"
+        ops.append(Send(op_id, "alice", "bob" if i % 2 else "carol", b"x" * i, mid, i))
+    apply(state, 0, *ops, limits=lim)
+    apply(state, 10, Ack("ack-1", "bob", (mid_for(send_op_id("alice", "1")),)), limits=lim)
+    apply(state, 20, Put("put-1", "k", [1, 2]), limits=lim)
+    sender = "\u00e9lise"  # its size estimate counts UTF-8 bytes now, characters before
+    apply(state, 30, Send(send_op_id(sender, "7"), sender, "bob", b"yz", "m7", 30), limits=lim)
+    restored = IrisState.from_snapshot(pickle.loads(pickle.dumps(to_format_1(state))))
+    assert restored.fingerprint() == state.fingerprint()
+    assert restored.statistics() == state.statistics()
+    # And it goes on exactly alike: duplicates, dedup expiry, message expiry.
+    for now in (40, 505, 520, 1_000, 1_031):
+        again = Send(send_op_id("alice", "2"), "alice", "carol", b"", "other", now)
+        assert apply(restored, now, again, limits=lim) == apply(state, now, again, limits=lim)
+        assert restored.fingerprint() == state.fingerprint()
+    assert restored.message_count == state.message_count == 2  # stored again at 505 and 1031
+
+
+def test_an_unknown_table_format_is_refused() -> None:
+    snap = IrisState().to_snapshot() | {"format": 99}
+    with pytest.raises(ValueError, match="format 99"):
+        IrisState.from_snapshot(snap)
+
+
+def test_a_lowered_ttl_expires_later_messages_before_older_ones() -> None:
+    state = IrisState()
+    apply(state, 0, Send("o1", "alice", "bob", b"a", "M1", 0), limits=Limits(10, 100, 1_000, 10))
+    apply(state, 2, Send("o2", "alice", "bob", b"b", "M2", 2), limits=Limits(10, 100, 50, 10))
+    apply(state, 3, Send("o3", "alice", "bob", b"c", "M3", 3), limits=Limits(10, 100, 500, 10))
+    apply(state, 52)
+    assert [m.mid for m in state.inbox("bob")] == ["M1", "M3"]
+    apply(state, 503)
+    assert [m.mid for m in state.inbox("bob")] == ["M1"]
+    apply(state, 1_000)
+    assert state.inbox("bob") == [] and state.message_count == 0
+    assert not state._unsorted and not state._armed
+
+
+def test_expiry_bookkeeping_is_per_inbox_and_per_batch_not_per_message() -> None:
+    state = IrisState()
+    lim = Limits(10_000, 1 << 30, message_ttl_ms=10**6, dedup_window_ms=10**6)
+    for round_ in range(50):
+        sends = [
+            Send(f"s{round_}-{i}", "alice", "bob", b"x", f"m{round_}-{i}", 0) for i in range(20)
+        ]
+        apply(state, round_, *sends, limits=lim)
+        acks = [Ack(f"a{round_}", "bob", tuple(s.mid for s in sends))]
+        apply(state, round_, *acks, limits=lim)
+    assert state.message_count == 0
+    assert len(state._expiry) == 1  # bob's first arming; nothing per message
+    assert len(state._dedup_groups) == 100  # one per batch
+    assert state.statistics()["dedup_entries"] == 50 * 21
+
+
+def test_stored_records_hold_any_text_and_bytes() -> None:
+    state = IrisState()
+    sender = "\u00e9\U0001f600"  # non-ASCII
+    apply(state, 5, Send("o", sender, "bob", b"\x00\xff" * 3, "M", -7), limits=BIG)
+    assert state.inbox("bob") == [StoredMessage("M", sender, b"\x00\xff" * 3, -7, 5 + 10**9)]
+    assert state.inbox("bob", limit=0) == []
