@@ -14,6 +14,11 @@ core batches concurrent calls into one Raft entry).
   on the majority side). When the deadline passes, the last error is raised;
   an attempt whose outcome is unknown makes the final error
   :class:`UnknownOutcome`, never a plain failure.
+* Sends are coalesced: concurrent :meth:`Client.send` calls that go to the
+  same connection travel as one ``send_batch`` call, answered per item (see
+  :class:`SendCoalescer`). Each send keeps its own deadline, retries, order
+  fence and errors, exactly as if it had been sent alone; a lone send leaves
+  at once. A core without ``send_batch`` gets single ``send`` calls.
 * The configured cores are a seed: on every (re)connect the client asks for
   the announced membership and the leader, and prefers the leader.
 * Per-sender order across cores (``hardened_ap``): a core acknowledges a send
@@ -45,18 +50,21 @@ import logging
 import random
 import ssl
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from ._exceptions import (
+    BadRequest,
     IrisError,
     ProtocolError,
     Unavailable,
     UnknownOutcome,
     WriteBlocked,
+    error_from_code,
 )
 from ._node import SendResult
 from ._ops import new_op_id, send_op_id
@@ -69,9 +77,214 @@ logger = logging.getLogger("iris_raft.client")
 #: Senders whose last acknowledged send is remembered for the order fence.
 FENCE_ENTRIES = 100_000
 
+#: ``send_batch`` calls in flight per connection; more sends wait for one to return.
+SEND_BATCH_CALLS = 4
+#: Most sends per ``send_batch`` call (a core accepts up to 1,000).
+SEND_BATCH_ITEMS = 500
+#: Bytes of bodies per ``send_batch`` call, well under the 16 MiB frame limit; a
+#: larger send goes alone.
+SEND_BATCH_BYTES = 1024 * 1024
+
+
+def _copy_error(error: IrisError) -> IrisError:
+    """A fresh exception of the same class: one per waiting caller, never shared."""
+    return error_from_code(error.code, error.message, error.data)
+
+
+def _item_error(wire: Any) -> IrisError:
+    if isinstance(wire, dict) and isinstance(wire.get("code"), str):
+        data = wire.get("data")
+        return error_from_code(
+            wire["code"], str(wire.get("message", "")), data if isinstance(data, dict) else None
+        )
+    return UnknownOutcome("malformed error in the answer to 'send_batch'")
+
+
+@dataclass
+class SendBatchStats:
+    """``send_batch`` calls made and the sends they carried."""
+
+    calls: int = 0
+    items: int = 0
+
+
+class _QueuedSend:
+    __slots__ = ("abandoned", "deadline", "done", "error", "fallback", "item", "result", "size")
+
+    def __init__(self, params: dict[str, Any], deadline: float) -> None:
+        self.item = [params["sender"], params["client_id"], params["to"], params["body"]]
+        self.size = sum(len(x) for x in self.item if isinstance(x, bytes | str))
+        self.deadline = deadline
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: IrisError | None = None
+        self.fallback = False  # send it alone: the core has no send_batch
+        self.abandoned = False  # the caller stopped waiting
+
+    def finish(
+        self, result: Any = None, error: IrisError | None = None, *, fallback: bool = False
+    ) -> None:
+        if not self.done.is_set():
+            self.result, self.error, self.fallback = result, error, fallback
+            self.done.set()
+
+
+class SendCoalescer:
+    """The sends made on one core connection, coalesced into ``send_batch`` calls.
+
+    Theory of operation
+    -------------------
+    :meth:`send` queues the item and, unless a flusher is about to start or
+    ``max_calls`` batch calls are already in flight, starts a flusher task.
+    A task started with ``start_soon`` first runs in the *next* scheduler
+    pass, so every send queued in the current pass (say, all the tasks woken
+    by one event) joins its batch, and a lone send leaves at once: there is
+    no timer. The flusher takes up to ``max_items`` items (``max_bytes`` of
+    bodies), starts another flusher if more is waiting, makes the call,
+    hands each item its answer and loops while items wait, then ends. With
+    ``max_calls`` calls in flight new items queue up and leave with the next
+    call that returns: the busier the connection, the larger the batches.
+
+    Each caller waits for its own item, with its own deadline. A caller that
+    times out or is cancelled before its batch is sent drops the item; after
+    that, the batch goes on for the others and the caller gets what a single
+    ``conn.call("send")`` gives: :class:`UnknownOutcome` on timeout, the
+    cancellation otherwise. An item's error is raised in its caller alone; an
+    error of the whole call (connection lost, timeout) in every caller of the
+    batch, each getting its own exception object. So the client's retry
+    loop, order fence and error handling run per send, as for a single call.
+
+    A core without ``send_batch`` answers ``bad_request`` "unknown method":
+    nothing was applied, and the coalescer sends this and every later item
+    on the connection as a single ``send`` call.
+    """
+
+    def __init__(
+        self,
+        conn: RpcClientConnection,
+        nursery: trio.Nursery,
+        *,
+        max_calls: int = SEND_BATCH_CALLS,
+        max_items: int = SEND_BATCH_ITEMS,
+        max_bytes: int = SEND_BATCH_BYTES,
+        stats: SendBatchStats | None = None,
+    ) -> None:
+        self.conn = conn
+        self._nursery = nursery
+        self.max_calls = max_calls
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._queue: deque[_QueuedSend] = deque()
+        self._flushers = 0  # running or started; each has at most one call in flight
+        self._starting = False  # a flusher was started and has not taken its batch yet
+        #: False once the core turned out to lack ``send_batch``.
+        self.batching = True
+        #: Counters, possibly shared with other coalescers (the client's).
+        self.stats = stats if stats is not None else SendBatchStats()
+
+    async def send(self, params: dict[str, Any], timeout: float) -> Any:
+        """What ``conn.call("send", params, timeout=timeout)`` answers, by way of a batch."""
+        if not self.batching:
+            return await self.conn.call("send", params, timeout=timeout)
+        queued = _QueuedSend(params, trio.current_time() + timeout)
+        self._queue.append(queued)
+        self._flush_soon()
+        try:
+            with trio.move_on_at(queued.deadline):
+                await queued.done.wait()
+        finally:
+            queued.abandoned = not queued.done.is_set()
+        if queued.abandoned:
+            raise UnknownOutcome(
+                f"no answer to 'send' from {self.conn.address} within {timeout}s; "
+                "it may have been applied",
+                method="send",
+            )
+        if queued.fallback:
+            remaining = max(0.05, queued.deadline - trio.current_time())
+            return await self.conn.call("send", params, timeout=remaining)
+        if queued.error is not None:
+            raise queued.error
+        return queued.result
+
+    def _flush_soon(self) -> None:
+        if not self._starting and self._flushers < self.max_calls:
+            self._starting = True
+            self._flushers += 1
+            self._nursery.start_soon(self._flusher)
+
+    async def _flusher(self) -> None:
+        self._starting = False
+        try:
+            while batch := self._take():
+                if self._queue:
+                    self._flush_soon()  # more than one call's worth is waiting
+                await self._call(batch)
+        finally:
+            self._flushers -= 1
+
+    def _take(self) -> list[_QueuedSend]:
+        batch: list[_QueuedSend] = []
+        size = 0
+        while self._queue and len(batch) < self.max_items:
+            queued = self._queue[0]
+            if queued.abandoned:
+                self._queue.popleft()
+                continue
+            if batch and size + queued.size > self.max_bytes:
+                break
+            self._queue.popleft()
+            batch.append(queued)
+            size += queued.size
+        return batch
+
+    async def _call(self, batch: list[_QueuedSend]) -> None:
+        timeout = max(0.05, max(q.deadline for q in batch) - trio.current_time())
+        self.stats.calls += 1
+        self.stats.items += len(batch)
+        try:
+            reply = await self.conn.call(
+                "send_batch", {"items": [q.item for q in batch]}, timeout=timeout
+            )
+            self._answer(batch, reply)
+        except IrisError as exc:
+            if isinstance(exc, BadRequest) and exc.message.startswith("unknown method"):
+                logger.info("core %s has no send_batch: sending one by one", self.conn.address)
+                self.batching = False
+                for q in [*batch, *self._queue]:
+                    q.finish(fallback=True)
+                self._queue.clear()
+            else:
+                for q in batch:
+                    q.finish(error=_copy_error(exc))
+        except Exception:  # not expected: it must not stop the client's nursery
+            logger.exception("send_batch to %s failed unexpectedly", self.conn.address)
+        finally:
+            # Cancelled (the client is closing) or a bug: the request may have run.
+            for q in batch:
+                q.finish(error=UnknownOutcome("send_batch ended without an answer for this send"))
+
+    @staticmethod
+    def _answer(batch: list[_QueuedSend], reply: Any) -> None:
+        answers = reply.get("r") if isinstance(reply, dict) else None
+        if not isinstance(answers, list) or len(answers) != len(batch):
+            raise UnknownOutcome("malformed answer to 'send_batch'")
+        for q, answer in zip(batch, answers, strict=True):
+            if isinstance(answer, dict) and "e" in answer:
+                q.finish(error=_item_error(answer["e"]))
+            else:
+                q.finish(result=answer)
+
 
 class Client:
-    """A connection to a core cluster. Build it with :func:`open_client`."""
+    """A connection to a core cluster. Build it with :func:`open_client`.
+
+    Methods mirror :class:`~iris_raft.Node` and retry within ``timeout`` (see
+    the module docstring). Concurrent :meth:`send` calls on one connection
+    are coalesced into ``send_batch`` calls (:class:`SendCoalescer`) unless
+    ``coalesce_sends`` is false; ``send_batches`` counts those calls and the
+    sends they carried.
+    """
 
     def __init__(
         self,
@@ -84,6 +297,7 @@ class Client:
         prefer_leader: bool,
         nursery: trio.Nursery,
         order_fence: float = 30.0,
+        coalesce_sends: bool = True,
     ) -> None:
         if not cores:
             raise ValueError("at least one core address is needed")
@@ -105,6 +319,11 @@ class Client:
         self.order_fence = order_fence
         # sender -> (core address, op id of its last acknowledged send, when).
         self._fence: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self.coalesce_sends = coalesce_sends
+        self._coalescers: dict[RpcClientConnection, SendCoalescer] = {}
+        self.send_batches = SendBatchStats()
+        # Connections being asked for their undrained senders (one question each).
+        self._learning: dict[RpcClientConnection, trio.Event] = {}
 
     # ---------------------------------------------------------- connections
 
@@ -184,9 +403,20 @@ class Client:
             with contextlib.suppress(IrisError, OSError):
                 await self._open(leader_rpc)
 
-    async def _rotate(self) -> None:
+    async def _rotate(self, failed: RpcClientConnection | None = None) -> None:
+        """Drop the current connection (only if it is still ``failed``, when given)."""
         async with self._lock:
-            await self._drop()
+            if failed is None or self._conn is failed:
+                await self._drop()
+
+    def _coalescer(self, conn: RpcClientConnection) -> SendCoalescer:
+        coalescer = self._coalescers.get(conn)
+        if coalescer is None:
+            for old in [c for c in self._coalescers if c.closed]:
+                del self._coalescers[old]
+            coalescer = SendCoalescer(conn, self._nursery, stats=self.send_batches)
+            self._coalescers[conn] = coalescer
+        return coalescer
 
     async def call(
         self, method: str, params: dict[str, Any], *, timeout: float | None = None
@@ -202,11 +432,14 @@ class Client:
         *,
         timeout: float | None = None,
         before: Callable[[RpcClientConnection, str, float], Awaitable[None]] | None = None,
+        attempt: Callable[[RpcClientConnection, float], Awaitable[Any]] | None = None,
     ) -> tuple[Any, str]:
         """:meth:`call`, also returning the address of the core that answered.
 
         ``before(conn, address, deadline)`` runs ahead of each attempt and may
-        raise a retryable error to move on to another core.
+        raise a retryable error to move on to another core. ``attempt(conn,
+        timeout)``, if given, makes the attempt instead of ``conn.call(method,
+        params, timeout=timeout)`` and must fail the same way.
         """
         deadline = trio.current_time() + (self.timeout if timeout is None else timeout)
         unknown = False
@@ -216,14 +449,18 @@ class Client:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 break
+            conn: RpcClientConnection | None = None
+            address = ""
             try:
                 conn = await self._connection()
                 address = self._conn_address or ""
                 if before is not None:
                     await before(conn, address, deadline)
-                result = await conn.call(
-                    method, params, timeout=max(0.05, deadline - trio.current_time())
-                )
+                timeout_left = max(0.05, deadline - trio.current_time())
+                if attempt is None:
+                    result = await conn.call(method, params, timeout=timeout_left)
+                else:
+                    result = await attempt(conn, timeout_left)
                 return result, address
             except UnknownOutcome as exc:
                 unknown, last = True, exc
@@ -231,14 +468,14 @@ class Client:
                     await self._rotate()
             except WriteBlocked as exc:
                 last = exc
-                await self._learn_undrained()
-                await self._rotate()
+                await self._learn_undrained(conn, address)
+                await self._rotate(conn)
             except (Unavailable, ProtocolError) as exc:
                 last = exc
-                await self._rotate()
+                await self._rotate(conn)
             except OSError as exc:
                 last = Unavailable(f"connection failed: {exc}")
-                await self._rotate()
+                await self._rotate(conn)
             await trio.sleep(min(backoff, max(0.0, deadline - trio.current_time())))
             backoff = min(backoff * 2, 0.5)
         if unknown:
@@ -248,38 +485,53 @@ class Client:
     # --------------------------------------------------------------- writes
 
     async def send(self, sender: str, client_id: str, recipient: str, body: bytes) -> SendResult:
+        """Store a message (see :meth:`Node.send`), retried with the same id until durable.
+
+        Concurrent sends on one connection share ``send_batch`` calls; each
+        is still answered, retried and fenced on its own.
+        """
+        params = {"sender": sender, "client_id": client_id, "to": recipient, "body": body}
+
         async def fence(conn: RpcClientConnection, address: str, deadline: float) -> None:
             await self._order_fence(conn, address, sender, deadline)
 
-        r, address = await self._call(
-            "send",
-            {"sender": sender, "client_id": client_id, "to": recipient, "body": body},
-            before=fence,
-        )
+        async def attempt(conn: RpcClientConnection, timeout: float) -> Any:
+            if not self.coalesce_sends:
+                return await conn.call("send", params, timeout=timeout)
+            return await self._coalescer(conn).send(params, timeout)
+
+        r, address = await self._call("send", params, before=fence, attempt=attempt)
         if self.mode == "hardened_ap" and address:
             self._remember(sender, address, send_op_id(sender, client_id), time.monotonic())
         return SendResult(r["mid"], r["ts"], bool(r["duplicate"]))
 
-    async def _learn_undrained(self) -> None:
+    async def _learn_undrained(self, conn: RpcClientConnection | None, address: str) -> None:
         """Before leaving a core that blocks writes, learn whose sends it still holds.
 
         Those sends were acknowledged (possibly through another client or
         edge) and will reach Raft only when that core rejoins; the order fence
-        then holds later sends of the same senders back.
+        then holds later sends of the same senders back. Sends refused together
+        (e.g. one batch) ask the connection once and share the answer.
         """
-        conn, address = self._conn, self._conn_address
         if self.mode != "hardened_ap" or conn is None or conn.closed or not address:
             return
+        asked = self._learning.get(conn)
+        if asked is not None:
+            await asked.wait()
+            return
+        asked = self._learning[conn] = trio.Event()
         try:
             held = await conn.call("undrained_senders", {}, timeout=0.5)
+            if isinstance(held, dict):
+                now = time.monotonic()
+                for sender, op_id in held.items():
+                    if isinstance(sender, str) and isinstance(op_id, str):
+                        self._remember(sender, address, op_id, now)
         except (IrisError, OSError):
             return
-        if not isinstance(held, dict):
-            return
-        now = time.monotonic()
-        for sender, op_id in held.items():
-            if isinstance(sender, str) and isinstance(op_id, str):
-                self._remember(sender, address, op_id, now)
+        finally:
+            del self._learning[conn]
+            asked.set()
 
     def _remember(self, sender: str, address: str, op_id: str, when: float) -> None:
         self._fence[sender] = (address, op_id, when)
@@ -533,8 +785,12 @@ async def open_client(
     connect_timeout: float = 2.0,
     prefer_leader: bool = True,
     order_fence: float = 30.0,
+    coalesce_sends: bool = True,
 ) -> AsyncIterator[Client]:
-    """Connect to a core cluster (any of ``cores``); close everything on exit."""
+    """Connect to a core cluster (any of ``cores``); close everything on exit.
+
+    ``coalesce_sends=False`` sends each :meth:`Client.send` as its own call.
+    """
     key = secret.encode() if isinstance(secret, str) else secret
     async with trio.open_nursery() as nursery:
         client = Client(
@@ -546,6 +802,7 @@ async def open_client(
             prefer_leader=prefer_leader,
             nursery=nursery,
             order_fence=order_fence,
+            coalesce_sends=coalesce_sends,
         )
         try:
             yield client

@@ -20,6 +20,10 @@ Writes
     the replay idempotent. Limits were checked at admission, so drained
     operations are applied without the per-inbox caps (an acknowledged message
     is never refused later).
+  * Sends may come many at a time (:meth:`Node.send_many`, the ``send_batch``
+    RPC): each is checked as a lone send would be, in order, and the accepted
+    ones are written with one ``_write`` (one WAL append or one batcher
+    submission).
 
 Ordering
   The batcher keeps one replicated call in flight and, on an unknown outcome,
@@ -54,6 +58,7 @@ from ._config import ConsistencyMode, IrisConfig
 from ._exceptions import (
     BadRequest,
     InboxFull,
+    IrisError,
     Overloaded,
     StateFull,
     TokenRevoked,
@@ -600,39 +605,128 @@ class Node:
         Repeating ``(sender, client_id)`` within the dedup window returns the
         original ``mid`` and stores nothing new.
         """
-        check_text("sender", sender)
-        check_text("client_id", client_id, max_bytes=MAX_CLIENT_ID_BYTES)
-        check_text("recipient", recipient)
-        if not isinstance(body, bytes):
-            raise BadRequest("body must be bytes", field="body")
-        op_id = send_op_id(sender, client_id)
+        (outcome,) = await self.send_many([(sender, client_id, recipient, body)])
+        if isinstance(outcome, IrisError):
+            raise outcome
+        return outcome
+
+    async def send_many(
+        self, items: Sequence[tuple[str, str, str, bytes]]
+    ) -> list[SendResult | IrisError]:
+        """:meth:`send` for each ``(sender, client_id, recipient, body)``, as one write.
+
+        Returns one outcome per item, in order: its :class:`SendResult`, or the
+        :class:`IrisError` that :meth:`send` would raise for it. Items are
+        checked one by one, in order, each seeing the ones accepted before it
+        (inbox room, dedup); a refused item does not stop the others. Every
+        accepted item goes into one ``_write``, in item order: one WAL append
+        (``hardened_ap``) or one batcher submission (``cp``). An error of that
+        write (``write_blocked``, ``unavailable``, ``unknown_outcome``...) is
+        the outcome of each item in it. An item repeating the
+        ``(sender, client_id)`` of an earlier accepted item is not written
+        again: it gets that item's outcome, as a duplicate.
+        """
+        outcomes: dict[int, SendResult | IrisError] = {}
+        ops: list[Send] = []
+        written: list[int] = []  # the item each op answers
+        first: dict[str, int] = {}  # op id -> the item that holds it in this call
+        repeats: list[tuple[int, int]] = []  # (item, earlier item with the same op id)
         now = self._clock()
-        if self._wal is not None:
-            known = self._known_send(op_id)
-            if known is not None:
-                return SendResult(known[0], known[1], True)
-            self._check_inbox_room(recipient, len(body))
-            mid = mid_for(op_id)
-            if self._raft.read_state(lambda s: mid in s.inboxes.get(recipient, ())):
-                # The id was reused after the dedup window while the first message
-                # is still stored: a new message needs a mid of its own.
-                mid = mid_for(f"{op_id}#{now}")
-            op = Send(op_id, sender, recipient, body, mid, now)
-            self._pending_sends[op_id] = (op.mid, op.ts)
-            if _UNSAFE_ACK:
-                self._admit([op])
-                self._nursery.start_soon(self._late_append, op)
-                return SendResult(op.mid, op.ts, False)
+        for i, (sender, client_id, recipient, body) in enumerate(items):
             try:
-                await self._write([op])
-            except (WriteBlocked, Unavailable, StateFull, OSError):
-                self._pending_sends.pop(op_id, None)
-                raise
-            return SendResult(op.mid, op.ts, False)
-        op = Send(op_id, sender, recipient, body, mid_for(op_id), now)
-        (result,) = await self._write([op])
-        mid, ts = self._raise_for(result)
-        return SendResult(mid, ts, len(result) > 2)
+                check_text("sender", sender)
+                check_text("client_id", client_id, max_bytes=MAX_CLIENT_ID_BYTES)
+                check_text("recipient", recipient)
+                if not isinstance(body, bytes):
+                    raise BadRequest("body must be bytes", field="body")
+                op_id = send_op_id(sender, client_id)
+                if op_id in first:
+                    repeats.append((i, first[op_id]))
+                    continue
+                op = self._send_op(op_id, sender, recipient, body, now)
+            except IrisError as exc:
+                outcomes[i] = exc
+                continue
+            first[op_id] = i
+            if isinstance(op, SendResult):
+                outcomes[i] = op
+                continue
+            ops.append(op)
+            written.append(i)
+        if ops:
+            for i, outcome in zip(written, await self._write_sends(ops), strict=True):
+                outcomes[i] = outcome
+        for i, earlier in repeats:
+            prior = outcomes[earlier]
+            if isinstance(prior, SendResult):
+                prior = SendResult(prior.mid, prior.ts, True)
+            outcomes[i] = prior
+        return [outcomes[i] for i in range(len(items))]
+
+    def _send_op(
+        self, op_id: str, sender: str, recipient: str, body: bytes, now: int
+    ) -> Send | SendResult:
+        """The operation for one checked send, or its result if it is a known duplicate.
+
+        ``hardened_ap`` admits here (inbox room, raises :class:`InboxFull`) and
+        holds the send as pending, so that later sends see it before it reaches
+        the WAL; :meth:`_write_sends` lets go of it if the write fails.
+        """
+        if self._wal is None:
+            return Send(op_id, sender, recipient, body, mid_for(op_id), now)
+        known = self._known_send(op_id)
+        if known is not None:
+            return SendResult(known[0], known[1], True)
+        self._check_inbox_room(recipient, len(body))
+        mid = mid_for(op_id)
+        if self._raft.read_state(lambda s: mid in s.inboxes.get(recipient, ())):
+            # The id was reused after the dedup window while the first message
+            # is still stored: a new message needs a mid of its own.
+            mid = mid_for(f"{op_id}#{now}")
+        self._pending_sends[op_id] = (mid, now)
+        self._undrained_per_recipient.setdefault(recipient, set()).add(op_id)
+        return Send(op_id, sender, recipient, body, mid, now)
+
+    async def _write_sends(self, ops: list[Send]) -> list[SendResult | IrisError]:
+        """Write accepted sends with one ``_write``; one outcome per op."""
+        if self._wal is None:
+            try:
+                results = await self._write(ops)
+            except IrisError as exc:
+                return [exc] * len(ops)
+            outcomes: list[SendResult | IrisError] = []
+            for result in results:
+                try:
+                    mid, ts = self._raise_for(result)
+                except IrisError as exc:
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(SendResult(mid, ts, len(result) > 2))
+            return outcomes
+        try:
+            if _UNSAFE_ACK:
+                self._admit(ops)
+                for op in ops:
+                    self._nursery.start_soon(self._late_append, op)
+            else:
+                await self._write(ops)
+        except IrisError as exc:
+            self._release_held_sends(ops)
+            return [exc] * len(ops)
+        except OSError:
+            self._release_held_sends(ops)
+            raise
+        return [SendResult(op.mid, op.ts, False) for op in ops]
+
+    def _release_held_sends(self, ops: Sequence[Send]) -> None:
+        """Forget sends held by :meth:`_send_op` that did not reach the WAL."""
+        for op in ops:
+            self._pending_sends.pop(op.op_id, None)
+            ids = self._undrained_per_recipient.get(op.recipient)
+            if ids is not None:
+                ids.discard(op.op_id)
+                if not ids:
+                    del self._undrained_per_recipient[op.recipient]
 
     def applied(self, op_ids: Sequence[str]) -> list[bool]:
         """Whether each operation id has been applied to this core's replica.

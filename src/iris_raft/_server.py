@@ -5,7 +5,9 @@ Theory of operation
 ``serve_core(node, ...)`` listens on ``[core] rpc`` and maps RPC methods onto
 the node's API one to one (see ``METHODS``). Parameters are validated here
 (``BadRequest`` names the field); every node error crosses the wire with its
-code, so the client raises the same class.
+code, so the client raises the same class. ``send_batch`` carries many sends
+in one call (the client coalesces concurrent sends into it) and answers each
+item on its own: a result, or that item's error in the same wire form.
 
 Subscriptions: ``subscribe`` registers a node :class:`Subscription` for the
 connection and starts a forwarder that pushes events on the ``events``
@@ -26,7 +28,7 @@ from typing import Any
 import trio
 
 from ._exceptions import BadRequest, IrisError
-from ._node import Node, Subscription, SubscriptionLost
+from ._node import Node, SendResult, Subscription, SubscriptionLost
 from ._rpc import RpcServerConnection, serve_rpc
 from ._wire import event_to_wire, message_to_wire
 
@@ -57,6 +59,10 @@ def _text_list(params: dict[str, Any], name: str) -> list[str]:
     return list(value)
 
 
+def _send_result(res: SendResult) -> dict[str, Any]:
+    return {"mid": res.mid, "ts": res.ts, "duplicate": res.duplicate}
+
+
 async def _send(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
     res = await node.send(
         _get(p, "sender", str),
@@ -64,7 +70,36 @@ async def _send(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any
         _get(p, "to", str),
         _get(p, "body", bytes),
     )
-    return {"mid": res.mid, "ts": res.ts, "duplicate": res.duplicate}
+    return _send_result(res)
+
+
+#: Most items one ``send_batch`` call may carry (the frame limit also applies).
+MAX_SEND_BATCH = 1000
+
+
+async def _send_batch(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
+    """Many sends in one call: ``{"items": [[sender, client_id, to, body], ...]}``.
+
+    Answers ``{"r": [...]}``, one entry per item in order: what ``send``
+    answers, or ``{"e": error}`` (the error's wire form) for that item alone.
+    The accepted items are written together (:meth:`Node.send_many`).
+    """
+    raw = _get(p, "items", list)
+    if len(raw) > MAX_SEND_BATCH:
+        raise BadRequest(f"at most {MAX_SEND_BATCH} items per call", field="items")
+    out: list[Any] = [None] * len(raw)
+    slots: list[int] = []
+    items: list[tuple[str, str, str, bytes]] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, list) and len(item) == 4:
+            slots.append(i)
+            items.append((item[0], item[1], item[2], item[3]))  # types checked by send_many
+        else:
+            error = BadRequest(f"items[{i}] is not [sender, client_id, to, body]", field="items")
+            out[i] = {"e": error.to_wire()}
+    for i, res in zip(slots, await node.send_many(items), strict=True):
+        out[i] = {"e": res.to_wire()} if isinstance(res, IrisError) else _send_result(res)
+    return {"r": out}
 
 
 async def _ack(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
@@ -280,6 +315,7 @@ class CoreServer:
 
 METHODS: dict[str, Handler] = {
     "send": _send,
+    "send_batch": _send_batch,
     "ack": _ack,
     "fetch": _fetch,
     "revoke_token": _revoke_token,
