@@ -16,13 +16,14 @@ rechecks their tokens, because events may have been missed in between.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
 
 from iris_raft import (
     Client,
+    IrisError,
     Node,
     Resync,
     SendResult,
@@ -56,6 +57,8 @@ class CoreAccess(Protocol):
     ) -> SendResult: ...
 
     async def ack(self, user: str, mids: Sequence[str]) -> None: ...
+
+    async def ack_many(self, acks: Mapping[str, Sequence[str]]) -> None: ...
 
     async def fetch_inbox(self, user: str, limit: int | None = None) -> list[StoredMessage]: ...
 
@@ -96,6 +99,29 @@ class RemoteCore:
 
     async def ack(self, user: str, mids: Sequence[str]) -> None:
         await self._for(user).ack(user, mids)
+
+    async def ack_many(self, acks: Mapping[str, Sequence[str]]) -> None:
+        """One ``ack_batch`` call per pool client that the users map to, concurrently.
+
+        If any call fails, the first error is raised once all have ended (acks
+        are idempotent: the caller may retry them all).
+        """
+        groups: dict[int, dict[str, Sequence[str]]] = {}
+        for user, mids in acks.items():
+            groups.setdefault(hash(user) % len(self.clients), {})[user] = mids
+        errors: list[IrisError] = []
+
+        async def one(client: Client, group: dict[str, Sequence[str]]) -> None:
+            try:
+                await client.ack_many(group)
+            except IrisError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for index, group in groups.items():
+                nursery.start_soon(one, self.clients[index], group)
+        if errors:
+            raise errors[0]
 
     async def fetch_inbox(self, user: str, limit: int | None = None) -> list[StoredMessage]:
         return await self._for(user).fetch_inbox(user, limit)
@@ -173,6 +199,9 @@ class LocalCore:
 
     async def ack(self, user: str, mids: Sequence[str]) -> None:
         await self.node.ack(user, mids)
+
+    async def ack_many(self, acks: Mapping[str, Sequence[str]]) -> None:
+        await self.node.ack_many([(user, mids, None) for user, mids in acks.items()])
 
     async def fetch_inbox(self, user: str, limit: int | None = None) -> list[StoredMessage]:
         return await self.node.fetch_inbox(user, limit)

@@ -776,17 +776,14 @@ class EdgeServer:
         if not pending:
             return
 
-        async def one(user: str, mids: set[str]) -> None:
-            try:
-                await self.core.ack(user, sorted(mids))
-            except IrisError as exc:
-                logger.info("ack for %s failed (%s); will retry", user, exc)
-                self._acks.setdefault(user, set()).update(mids)
-                self._acks_ready.set()
-
-        async with trio.open_nursery() as nursery:
+        try:
+            await self.core.ack_many({user: sorted(mids) for user, mids in pending.items()})
+        except IrisError as exc:
+            # Acks are idempotent: all of them go again with the next flush.
+            logger.info("acks of %d users failed (%s); will retry", len(pending), exc)
             for user, mids in pending.items():
-                nursery.start_soon(one, user, mids)
+                self._acks.setdefault(user, set()).update(mids)
+            self._acks_ready.set()
 
     async def _ack_loop(self) -> None:
         while True:

@@ -51,7 +51,7 @@ import random
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,8 @@ FENCE_ENTRIES = 100_000
 SEND_BATCH_CALLS = 4
 #: Most sends per ``send_batch`` call (a core accepts up to 1,000).
 SEND_BATCH_ITEMS = 500
+#: Most users per ``ack_batch`` call (a core accepts up to 1,000).
+MAX_ACK_BATCH = 1000
 #: Bytes of bodies per ``send_batch`` call, well under the 16 MiB frame limit; a
 #: larger send goes alone.
 SEND_BATCH_BYTES = 1024 * 1024
@@ -324,6 +326,7 @@ class Client:
         self.send_batches = SendBatchStats()
         # Connections being asked for their undrained senders (one question each).
         self._learning: dict[RpcClientConnection, trio.Event] = {}
+        self._ack_batch_missing = False  # the cores predate ``ack_batch``
 
     # ---------------------------------------------------------- connections
 
@@ -580,6 +583,26 @@ class Client:
 
     async def ack(self, user: str, mids: Sequence[str], *, op_id: str | None = None) -> None:
         await self.call("ack", {"user": user, "mids": list(mids), "op_id": op_id or new_op_id()})
+
+    async def ack_many(self, acks: Mapping[str, Sequence[str]]) -> None:
+        """:meth:`ack` for many users in one call (``ack_batch``), one op id per user.
+
+        Retries (after an unknown outcome) carry the same op ids. A core
+        without ``ack_batch`` gets one ``ack`` call per user instead.
+        """
+        entries = [[user, list(mids), new_op_id()] for user, mids in acks.items()]
+        for start in range(0, len(entries), MAX_ACK_BATCH):
+            chunk = entries[start : start + MAX_ACK_BATCH]
+            if not self._ack_batch_missing:
+                try:
+                    await self.call("ack_batch", {"acks": chunk})
+                    continue
+                except BadRequest as exc:
+                    if not exc.message.startswith("unknown method"):
+                        raise
+                    self._ack_batch_missing = True
+            for user, mids, op_id in chunk:
+                await self.call("ack", {"user": user, "mids": mids, "op_id": op_id})
 
     async def revoke_token(self, jti: str, exp_ms: int, *, op_id: str | None = None) -> None:
         await self.call(

@@ -778,11 +778,25 @@ class Node:
 
     async def ack(self, user: str, mids: Sequence[str], *, op_id: str | None = None) -> None:
         """Forget messages ``mids`` of ``user`` (they were delivered)."""
-        check_text("user", user)
-        if not all(isinstance(m, str) for m in mids):
-            raise BadRequest("mids must be text", field="mids")
-        (result,) = await self._write([Ack(op_id or new_op_id(), user, tuple(mids))])
-        self._raise_for(result)
+        await self.ack_many([(user, mids, op_id)])
+
+    async def ack_many(self, acks: Sequence[tuple[str, Sequence[str], str | None]]) -> None:
+        """:meth:`ack` for each ``(user, mids, op_id)``, written together in one ``_write``.
+
+        All or nothing as far as the caller can tell: a malformed entry fails
+        the call before anything is written, and an error of the write is
+        raised once (retrying with the same op ids is safe).
+        """
+        ops: list[Op] = []
+        for user, mids, op_id in acks:
+            check_text("user", user)
+            if not all(isinstance(m, str) for m in mids):
+                raise BadRequest("mids must be text", field="mids")
+            ops.append(Ack(op_id or new_op_id(), user, tuple(mids)))
+        if not ops:
+            return
+        for result in await self._write(ops):
+            self._raise_for(result)
 
     async def revoke_token(self, jti: str, exp_ms: int, *, op_id: str | None = None) -> None:
         """Revoke one token until its expiry ``exp_ms``."""

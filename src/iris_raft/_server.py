@@ -107,6 +107,30 @@ async def _ack(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
     return True
 
 
+#: Most entries one ``ack_batch`` call may carry.
+MAX_ACK_BATCH = 1000
+
+
+async def _ack_batch(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
+    """Acks of many users in one call: ``{"acks": [[user, [mid, ...], op_id], ...]}``."""
+    raw = _get(p, "acks", list)
+    if len(raw) > MAX_ACK_BATCH:
+        raise BadRequest(f"at most {MAX_ACK_BATCH} entries per call", field="acks")
+    acks: list[tuple[str, list[str], str | None]] = []
+    for i, entry in enumerate(raw):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], list)
+            and isinstance(entry[2], str)
+        ):
+            raise BadRequest(f"acks[{i}] is not [user, [mid, ...], op_id]", field="acks")
+        acks.append((entry[0], entry[1], entry[2]))
+    await node.ack_many(acks)
+    return True
+
+
 async def _fetch(node: Node, conn: RpcServerConnection, p: dict[str, Any]) -> Any:
     msgs = await node.fetch_inbox(_get(p, "user", str), _get(p, "limit", int, None))
     return [message_to_wire(m) for m in msgs]
@@ -317,6 +341,7 @@ METHODS: dict[str, Handler] = {
     "send": _send,
     "send_batch": _send_batch,
     "ack": _ack,
+    "ack_batch": _ack_batch,
     "fetch": _fetch,
     "revoke_token": _revoke_token,
     "revoke_user": _revoke_user,

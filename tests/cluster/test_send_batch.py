@@ -10,9 +10,11 @@
   ``send_batch`` calls and are all stored exactly once under the mid each
   caller was given; a caller cancelled while its batch is in flight does not
   disturb the others.
-* A core without ``send_batch`` (an older version, played by an in-process
-  RPC server that forwards everything else to a real core) gets single
-  ``send`` calls from the client.
+* ``Client.ack_many`` acks many users' messages in one ``ack_batch`` call;
+  a malformed entry refuses the whole call before anything is written.
+* A core without ``send_batch``/``ack_batch`` (an older version, played by an
+  in-process RPC server that forwards everything else to a real core) gets
+  single ``send`` and ``ack`` calls from the client.
 """
 
 from __future__ import annotations
@@ -133,6 +135,32 @@ async def _many_through_one_client(cluster: LocalCluster) -> None:
     assert {c: a.mid for c, a in acked.items()} == {c: mids[c] for c in acked}
 
 
+async def _acks_in_one_call(cluster: LocalCluster, core: int) -> None:
+    users = ["ack-a", "ack-b", "ack-c"]
+    async with iris_raft.open_client(cluster.rpc_addresses, secret=cluster.secret) as client:
+        sent = {
+            (u, i): await client.send("acker", f"{u}-{i}", u, b"x") for u in users for i in range(3)
+        }
+        for bad in (
+            {"acks": [["ack-a", [sent["ack-a", 0].mid], "op-1"], ["ack-b", "not a list", "op"]]},
+            {"acks": [["ack-a", [sent["ack-a", 0].mid]]]},
+            {"acks": "x"},
+        ):
+            with pytest.raises(BadRequest):
+                await core_call(cluster, core, "ack_batch", bad)
+        await client.ack_many(
+            {
+                "ack-a": [sent["ack-a", 0].mid, sent["ack-a", 1].mid],
+                "ack-b": [sent["ack-b", 2].mid, "no-such-mid"],
+                "ack-c": [],
+            }
+        )
+    inboxes = await converged_inboxes(cluster, users)
+    assert [m.mid for m in inboxes["ack-a"]] == [sent["ack-a", 2].mid]  # nothing from bad calls
+    assert [m.mid for m in inboxes["ack-b"]] == [sent["ack-b", i].mid for i in (0, 1)]
+    assert len(inboxes["ack-c"]) == 3
+
+
 @pytest.mark.parametrize("mode", ["cp", "hardened_ap"])
 async def test_send_batch_and_client_coalescing(tmp_path: Path, mode: str) -> None:
     with trio.fail_after(120):
@@ -142,9 +170,10 @@ async def test_send_batch_and_client_coalescing(tmp_path: Path, mode: str) -> No
             leader = await cluster.wait_leader()
             await _raw_batches(cluster, leader)
             await _many_through_one_client(cluster)
+            await _acks_in_one_call(cluster, leader)
 
 
-async def test_a_core_without_send_batch_gets_single_sends(tmp_path: Path) -> None:
+async def test_a_core_without_batch_methods_gets_single_calls(tmp_path: Path) -> None:
     with trio.fail_after(120):
         async with open_cluster(str(tmp_path), nodes=3, mode="cp") as cluster:
             leader = await cluster.wait_leader()
@@ -158,7 +187,7 @@ async def test_a_core_without_send_batch_gets_single_sends(tmp_path: Path) -> No
                     conn: RpcServerConnection, method: str, p: dict[str, Any]
                 ) -> Any:
                     seen[method] += 1
-                    if method == "send_batch":  # what a core before send_batch answers
+                    if method in ("send_batch", "ack_batch"):  # what an older core answers
                         raise BadRequest(f"unknown method {method!r}")
                     return await up.call(method, p, timeout=5)
 
@@ -179,8 +208,12 @@ async def test_a_core_without_send_batch_gets_single_sends(tmp_path: Path) -> No
                         for i in range(50):
                             senders.start_soon(one, i)
                     assert client.connected_to == old
+                    mids = sorted(r.mid for r in results.values())
+                    await client.ack_many({"old-box": mids[:10], "other": ["none"]})
+                    await client.ack_many({"old-box": mids[10:20]})
                 nursery.cancel_scope.cancel()
             assert 1 <= seen["send_batch"] <= 4
             assert seen["send"] == 50
+            assert (seen["ack_batch"], seen["ack"]) == (1, 3)  # asked once, then single acks
             inbox = (await converged_inboxes(cluster, ["old-box"]))["old-box"]
-            assert sorted(m.mid for m in inbox) == sorted(r.mid for r in results.values())
+            assert sorted(m.mid for m in inbox) == mids[20:]
