@@ -30,8 +30,9 @@ and ``--total N`` stops after N acknowledged requests (the growth curve).
   ``--concurrency`` requests pipelined over ``--connections`` connections,
   same ``selectors`` loop.
 * ``null-core``: an RPC server speaking Iris's protocol (same handshake and
-  cipher) that answers ``send`` at once without replicating anything. Load
-  against it measures the generator plus the RPC layer alone.
+  cipher) that answers ``send`` and ``send_batch`` at once without
+  replicating anything. Load against it measures the generator plus the RPC
+  layer alone.
 """
 
 from __future__ import annotations
@@ -386,10 +387,15 @@ async def _null_core(args: argparse.Namespace) -> None:
     from iris_raft._ops import mid_for, send_op_id
     from iris_raft._rpc import serve_rpc
 
+    def answer(sender: str, client_id: str) -> dict[str, Any]:
+        op_id = send_op_id(sender, client_id)
+        return {"mid": mid_for(op_id), "ts": int(time.time() * 1000), "duplicate": False}
+
     async def handler(conn: Any, method: str, params: dict[str, Any]) -> Any:
         if method == "send":
-            op_id = send_op_id(params["sender"], params["client_id"])
-            return {"mid": mid_for(op_id), "ts": int(time.time() * 1000), "duplicate": False}
+            return answer(params["sender"], params["client_id"])
+        if method == "send_batch":  # what the client sends when sends pile up
+            return {"r": [answer(item[0], item[1]) for item in params["items"]]}
         if method == "status":
             return {"nodes": [], "leader_rpc": None}
         return None

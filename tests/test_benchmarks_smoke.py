@@ -41,6 +41,10 @@ def test_benchmarks_smoke(tmp_path: Path) -> None:
     for name, bench in ran.items():
         assert "error" not in bench, f"{name}: {bench['error']}"
         assert bench["figures"], f"{name} measured no figure"
+        for fig in bench["figures"]:
+            # A zero means that part did not run (n=0 is a skipped baseline, e.g. no etcd).
+            samples = fig["value"]["samples"]
+            assert all(v > 0 for v in samples), f"{name}: {fig['name']}: {samples}"
 
     report = (out / "report.md").read_text()
     assert "figures are not meaningful" in report

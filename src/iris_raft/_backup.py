@@ -29,6 +29,7 @@ from typing import Any
 import cbor2
 
 from ._exceptions import CorruptFile
+from ._raft import consumer_snapshot
 from ._records import encode_record, move_aside, scan_records
 from ._state import IrisState
 
@@ -95,7 +96,7 @@ def restore_into(
             if ".corrupt-" not in name:
                 moved.append(move_aside(os.path.join(wal_dir, name)))
     os.makedirs(raft_dir, exist_ok=True)
-    consumer_data = {"format": 1, "state": state.to_snapshot()}
+    consumer_data = consumer_snapshot(state)
     entry0 = (_NO_OP, 1, 0)
     entry1 = (_NO_OP, 2, 0)
     dump = ([{}, consumer_data], entry1, entry0, list(cluster))
