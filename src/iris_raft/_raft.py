@@ -18,6 +18,12 @@ lives until :meth:`RaftHost.stop`; the trio side never blocks on PySyncObj.
 * Durability: the journal is our :class:`ChecksummedJournal` (fsync per entry,
   checksums), installed through ``install_journal``; the snapshot file is
   verified before PySyncObj reads it, because PySyncObj swallows load errors.
+* Snapshot children: PySyncObj writes snapshots in a forked child. That
+  child inherits the Raft listening socket and, if the core is killed, would
+  go on writing and renaming the snapshot file under a restarted core (and
+  hold its port meanwhile). :func:`_snapshot_child_setup` (an at-fork hook
+  that acts only in children forked by PySyncObj's tick thread) closes the
+  child's sockets and makes the kernel kill it when the core dies.
 * Snapshots: PySyncObj pickles its snapshot with protocol 2, under which
   every ``bytes`` becomes a latin-1 text and a call to re-encode it. With a
   million stored records that made loading slow and left ~290 bytes of
@@ -34,9 +40,13 @@ lives until :meth:`RaftHost.stop`; the trio side never blocks on PySyncObj.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import pickle
+import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -160,6 +170,41 @@ def _link_state(sync: Any, node: Any) -> str:
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+# ------------------------------------------------------ snapshot children
+
+_PR_SET_PDEATHSIG = 1
+_forking_pid = 0
+
+
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _snapshot_child_setup() -> None:
+    """In a child forked by PySyncObj's tick thread: die with the core, drop sockets.
+
+    Children of other forks (a program embedding the library) are left alone.
+    """
+    if "_autoTickThread" not in threading.current_thread().name:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != _forking_pid:  # the core died before the hook ran
+        os._exit(1)
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_snapshot_child_setup)
 
 
 #: Snapshot format of the consumer's data: 1 = the tables, 2 = :class:`_PackedTables`.

@@ -12,7 +12,11 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +146,73 @@ async def test_a_single_node_restarts_from_its_own_snapshot(tmp_path: Path) -> N
         assert host.read_state(lambda s: s.message_count) == 300
     finally:
         host.stop()
+
+
+_CORE = """
+import os, socket, stat, sys, threading, time
+import iris_raft._raft  # installs the at-fork hook
+
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+
+def forker():
+    pid = os.fork()
+    if pid == 0:  # the child: count its sockets, then outlive the parent if it can
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += stat.S_ISSOCK(os.fstat(int(fd)).st_mode)
+            except OSError:
+                pass
+        print(pid or os.getpid(), count, flush=True)
+        time.sleep(30)
+        os._exit(0)
+    time.sleep(0.5)
+    os.kill(os.getpid(), 9)  # the core dies, as with kill -9
+
+threading.Thread(target=forker, name=sys.argv[1]).start()
+"""
+
+
+def _child_after_parent_death(thread_name: str) -> tuple[int, int]:
+    """Run a stand-in core that forks from ``thread_name`` and is then killed."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _CORE, thread_name], stdout=subprocess.PIPE, text=True
+    ) as core:
+        assert core.stdout is not None
+        out = core.stdout.readline().split()  # not to EOF: a surviving child holds the pipe
+        core.wait(timeout=30)
+    return int(out[0]), int(out[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _gone_soon(pid: int) -> bool:
+    deadline = time.monotonic() + 5
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_snapshot_child_drops_its_sockets_and_dies_with_the_core() -> None:
+    child, sockets = _child_after_parent_death("Thread-7 (_autoTickThread)")
+    assert sockets == 0  # the Raft port is not held by the child
+    assert _gone_soon(child)  # it does not go on writing under a restarted core
+
+
+def test_other_forks_are_left_alone() -> None:
+    child, sockets = _child_after_parent_death("worker")
+    try:
+        assert sockets >= 1
+        assert _alive(child)
+    finally:
+        os.kill(child, signal.SIGKILL)
