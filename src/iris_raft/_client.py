@@ -20,7 +20,13 @@ core batches concurrent calls into one Raft entry).
   fence and errors, exactly as if it had been sent alone; a lone send leaves
   at once. A core without ``send_batch`` gets single ``send`` calls.
 * The configured cores are a seed: on every (re)connect the client asks for
-  the announced membership and the leader, and prefers the leader.
+  the announced membership and the leader, and prefers the leader. In
+  ``cp`` it also checks every second (``LEADER_CHECK_INTERVAL``) that it is
+  still on the leader, and moves there if not: a ``cp`` write through a
+  follower is forwarded to the leader and acknowledged only once the
+  follower learns the commit from the leader's next append (up to its
+  append period later). The old connection is closed ``timeout`` seconds
+  after the move, so calls in flight on it finish there.
 * Per-sender order across cores (``hardened_ap``): a core acknowledges a send
   once it is in its own WAL, and drains it into Raft right after. If the
   client then moves to another core (the first one was cut off, paused or
@@ -73,6 +79,9 @@ from ._state import Event, StoredMessage
 from ._wire import Resync, event_from_wire, message_from_wire
 
 logger = logging.getLogger("iris_raft.client")
+
+#: Seconds between a ``cp`` client's checks that it is still on the leader.
+LEADER_CHECK_INTERVAL = 1.0
 
 #: Senders whose last acknowledged send is remembered for the order fence.
 FENCE_ENTRIES = 100_000
@@ -405,6 +414,37 @@ class Client:
         if self._prefer_leader and isinstance(leader_rpc, str) and leader_rpc != self._conn_address:
             with contextlib.suppress(IrisError, OSError):
                 await self._open(leader_rpc)
+
+    async def _follow_leader(self) -> None:
+        """In ``cp``, move to the leader when it is not the core this client is on."""
+        while True:
+            await trio.sleep(LEADER_CHECK_INTERVAL)
+            conn, address = self._conn, self._conn_address
+            if not self._prefer_leader or self.mode != "cp" or conn is None or conn.closed:
+                continue
+            try:
+                status = await conn.call("status", {}, timeout=self._connect_timeout)
+            except (IrisError, OSError):
+                continue
+            leader = status.get("leader_rpc") if isinstance(status, dict) else None
+            if not isinstance(leader, str) or leader == address:
+                continue
+            async with self._lock:
+                if self._conn is not conn:
+                    continue  # it moved meanwhile (an error, a reconnect)
+                try:
+                    new, release = await self._nursery.start(self._hold, leader)
+                except (IrisError, OSError):
+                    continue
+                old = self._release
+                self._conn, self._release, self._conn_address = new, release, leader
+                self.reconnects += 1
+            if old is not None:
+                self._nursery.start_soon(self._retire, old)
+
+    async def _retire(self, release: trio.Event) -> None:
+        await trio.sleep(self.timeout)  # calls in flight on the old connection end first
+        release.set()
 
     async def _rotate(self, failed: RpcClientConnection | None = None) -> None:
         """Drop the current connection (only if it is still ``failed``, when given)."""
@@ -827,6 +867,7 @@ async def open_client(
             order_fence=order_fence,
             coalesce_sends=coalesce_sends,
         )
+        nursery.start_soon(client._follow_leader)
         try:
             yield client
         finally:
