@@ -799,17 +799,17 @@ async def run(opts: Options) -> dict[str, Any]:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in list(breakdown.items())[:10])
         notes.append(
             f"What the RSS per message is made of (sys.getsizeof, bytes per message, "
-            f"{total:.0f} in all before allocator overhead): {parts}. Every message is several "
-            "Python objects (the stored tuple, its body, mid, sender, timestamps) plus an expiry "
-            "heap entry and a dedup entry (op id, result, expiry) for its send; meeting 400 B "
-            "needs a packed representation, not a tweak."
+            f"{total:.0f} in all before allocator overhead): {parts}. A stored message is its mid "
+            "(the inbox key, shared with its dedup entry) and one bytes record (ts, expiry, "
+            "sender, body); its dedup entry is a dict slot and its ts (docs/design.md, memory "
+            "layout)."
         )
     ready = ", ".join(f"{k} {top[k]['ready_s']:.1f} s" for k in kinds if top[k].get("ready_s"))
     notes.append(
         f"Restart at {n}: the core printed ready (process start, imports, journal index, snapshot "
-        f"checksum) after {ready}; the rest until serving is loading the snapshot (gunzip and "
-        "unpickle of PySyncObj's protocol-2 pickle on its tick thread), replaying the journal and "
-        "the read barrier."
+        f"checksum) after {ready}; the rest until serving is loading the snapshot (gunzip of "
+        "PySyncObj's file and one protocol-5 unpickle of the state's tables, on its tick thread), "
+        "replaying the journal and the read barrier."
     )
     rates = ", ".join(
         f"{_count(lv['messages'])}: {lv['load_rate']:,.0f}/s" for lv in iris["levels"]
