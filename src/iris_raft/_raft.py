@@ -316,6 +316,14 @@ class RaftSettings:
     #: Longest the tick thread sleeps in poll(); a single-node cluster commits
     #: on the tick after appending, so this bounds its write latency.
     tick_period: float = 0.005
+    #: Largest append_entries message PySyncObj builds. A single entry at least
+    #: this big goes through PySyncObj's chunked "transmission" path, which marks
+    #: the wrong chunk as the last one when the pickled entry is longer than the
+    #: command (the follower then fails to unpickle, logs it, and completes the
+    #: entry only when the real last chunk arrives). 1 MiB keeps Iris's batches
+    #: (up to ~4 MiB of bodies, usually far less) off that path in practice;
+    #: PySyncObj's default is 64 KiB.
+    append_entries_batch_bytes: int = 1 << 20
     log_compaction_min_entries: int = 2000
     log_compaction_min_time: float = 120.0
     dynamic_membership: bool = True
@@ -362,6 +370,7 @@ class RaftHost:
             raftMinTimeout=s.election_timeout_min,
             raftMaxTimeout=s.election_timeout_max,
             appendEntriesPeriod=s.append_entries_period,
+            appendEntriesBatchSizeBytes=s.append_entries_batch_bytes,
             connectionTimeout=s.connection_timeout,
             connectionRetryTime=s.connection_retry,
             leaderFallbackTimeout=s.leader_fallback_timeout,
