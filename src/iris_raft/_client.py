@@ -102,6 +102,11 @@ def _copy_error(error: IrisError) -> IrisError:
     return error_from_code(error.code, error.message, error.data)
 
 
+def _unknown_method(exc: IrisError) -> bool:
+    """Whether ``exc`` is a core's answer to a method it does not know (an older core)."""
+    return isinstance(exc, BadRequest) and exc.message.startswith("unknown method")
+
+
 def _item_error(wire: Any) -> IrisError:
     if isinstance(wire, dict) and isinstance(wire.get("code"), str):
         data = wire.get("data")
@@ -259,7 +264,7 @@ class SendCoalescer:
             )
             self._answer(batch, reply)
         except IrisError as exc:
-            if isinstance(exc, BadRequest) and exc.message.startswith("unknown method"):
+            if _unknown_method(exc):
                 logger.info("core %s has no send_batch: sending one by one", self.conn.address)
                 self.batching = False
                 for q in [*batch, *self._queue]:
@@ -358,13 +363,23 @@ class Client:
             task_status.started((conn, release))
             await release.wait()
 
-    async def _open(self, address: str) -> RpcClientConnection:
+    async def _open(self, address: str, *, retire_old: bool = False) -> RpcClientConnection:
+        """Connect to ``address`` and make it the current connection.
+
+        The old one is closed at once, or, with ``retire_old``, ``timeout``
+        seconds later, so that calls in flight on it finish there.
+        """
         conn: RpcClientConnection
         release: trio.Event
         conn, release = await self._nursery.start(self._hold, address)
+        old = self._release
+        if retire_old:
+            self._release = None
         await self._drop()
         self._conn, self._release, self._conn_address = conn, release, address
         self.reconnects += 1
+        if retire_old and old is not None:
+            self._nursery.start_soon(self._retire, old)
         return conn
 
     async def _drop(self) -> None:
@@ -430,17 +445,9 @@ class Client:
             if not isinstance(leader, str) or leader == address:
                 continue
             async with self._lock:
-                if self._conn is not conn:
-                    continue  # it moved meanwhile (an error, a reconnect)
-                try:
-                    new, release = await self._nursery.start(self._hold, leader)
-                except (IrisError, OSError):
-                    continue
-                old = self._release
-                self._conn, self._release, self._conn_address = new, release, leader
-                self.reconnects += 1
-            if old is not None:
-                self._nursery.start_soon(self._retire, old)
+                if self._conn is conn:  # else it moved meanwhile (an error, a reconnect)
+                    with contextlib.suppress(IrisError, OSError):
+                        await self._open(leader, retire_old=True)
 
     async def _retire(self, release: trio.Event) -> None:
         await trio.sleep(self.timeout)  # calls in flight on the old connection end first
@@ -638,7 +645,7 @@ class Client:
                     await self.call("ack_batch", {"acks": chunk})
                     continue
                 except BadRequest as exc:
-                    if not exc.message.startswith("unknown method"):
+                    if not _unknown_method(exc):
                         raise
                     self._ack_batch_missing = True
             for user, mids, op_id in chunk:

@@ -575,18 +575,26 @@ class Node:
     def _track_undrained(self, lsn: int, op: Op) -> None:
         self._undrained[lsn] = op
         if isinstance(op, Send):
-            self._pending_sends[op.op_id] = (op.mid, op.ts)
-            self._undrained_per_recipient.setdefault(op.recipient, set()).add(op.op_id)
+            self._hold_send(op)
 
     def _release_undrained(self, lsn: int) -> None:
         op = self._undrained.pop(lsn)
         if isinstance(op, Send):
-            self._pending_sends.pop(op.op_id, None)
-            ids = self._undrained_per_recipient.get(op.recipient)
-            if ids is not None:
-                ids.discard(op.op_id)
-                if not ids:
-                    del self._undrained_per_recipient[op.recipient]
+            self._forget_send(op)
+
+    def _hold_send(self, op: Send) -> None:
+        """Count a send not yet applied: for duplicates and for its recipient's inbox room."""
+        self._pending_sends[op.op_id] = (op.mid, op.ts)
+        self._undrained_per_recipient.setdefault(op.recipient, set()).add(op.op_id)
+
+    def _forget_send(self, op: Send) -> None:
+        """Undo :meth:`_hold_send` (the send was applied, or never reached the WAL)."""
+        self._pending_sends.pop(op.op_id, None)
+        ids = self._undrained_per_recipient.get(op.recipient)
+        if ids is not None:
+            ids.discard(op.op_id)
+            if not ids:
+                del self._undrained_per_recipient[op.recipient]
 
     @staticmethod
     def _raise_for(result: Result) -> Any:
@@ -670,7 +678,7 @@ class Node:
 
         ``hardened_ap`` admits here (inbox room, raises :class:`InboxFull`) and
         holds the send as pending, so that later sends see it before it reaches
-        the WAL; :meth:`_write_sends` lets go of it if the write fails.
+        the WAL; :meth:`_write_sends` forgets it if the write fails.
         """
         if self._wal is None:
             return Send(op_id, sender, recipient, body, mid_for(op_id), now)
@@ -683,9 +691,9 @@ class Node:
             # The id was reused after the dedup window while the first message
             # is still stored: a new message needs a mid of its own.
             mid = mid_for(f"{op_id}#{now}")
-        self._pending_sends[op_id] = (mid, now)
-        self._undrained_per_recipient.setdefault(recipient, set()).add(op_id)
-        return Send(op_id, sender, recipient, body, mid, now)
+        op = Send(op_id, sender, recipient, body, mid, now)
+        self._hold_send(op)
+        return op
 
     async def _write_sends(self, ops: list[Send]) -> list[SendResult | IrisError]:
         """Write accepted sends with one ``_write``; one outcome per op."""
@@ -710,23 +718,13 @@ class Node:
                     self._nursery.start_soon(self._late_append, op)
             else:
                 await self._write(ops)
-        except IrisError as exc:
-            self._release_held_sends(ops)
+        except (IrisError, OSError) as exc:
+            for op in ops:
+                self._forget_send(op)
+            if isinstance(exc, OSError):
+                raise
             return [exc] * len(ops)
-        except OSError:
-            self._release_held_sends(ops)
-            raise
         return [SendResult(op.mid, op.ts, False) for op in ops]
-
-    def _release_held_sends(self, ops: Sequence[Send]) -> None:
-        """Forget sends held by :meth:`_send_op` that did not reach the WAL."""
-        for op in ops:
-            self._pending_sends.pop(op.op_id, None)
-            ids = self._undrained_per_recipient.get(op.recipient)
-            if ids is not None:
-                ids.discard(op.op_id)
-                if not ids:
-                    del self._undrained_per_recipient[op.recipient]
 
     def applied(self, op_ids: Sequence[str]) -> list[bool]:
         """Whether each operation id has been applied to this core's replica.
